@@ -1,0 +1,13 @@
+"""Errors that end a command with exit code 2 and a one-line message (bad usage or bad input)."""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """Bad flags or bad input, found before training starts.
+
+    The message is one line that names the bad value and says how to fix it; the command-line
+    entry points print it as the last line of stderr and exit with code 2, without a traceback.
+    """
+
+    exit_code = 2
