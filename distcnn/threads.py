@@ -4,7 +4,7 @@ Precedence: `--threads`, then OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_T
 environment, then the cores this process may use divided by the ranks on this node (at least 1),
 so `mpirun -n 4` on 2 cores runs 1 thread per rank instead of 4 ranks x 2 threads fighting.
 OpenBLAS and MKL read these variables once, when NumPy is first imported; after that the count
-can only be changed through threadpoolctl, which is used when it happens to be installed.
+can only be changed through threadpoolctl.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ def apply(threads: int) -> None:
     for var in _VARS:
         os.environ[var] = str(threads)
     if "numpy" in sys.modules:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:
-            return
+        from threadpoolctl import threadpool_limits
+
         threadpool_limits(threads)

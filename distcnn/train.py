@@ -84,6 +84,13 @@ def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -
         cfg, warnings = config.resolve(flags, decision.get("config"))
         warnings = decision.get("notes", []) + warnings
         comm.timeout = float(cfg["collective_timeout"])
+        if cfg["deterministic"] and cfg["threads"] is None and n_threads != 1:
+            # Bitwise reproducibility across rank counts needs the same BLAS partitioning on
+            # every rank: pin one thread unless --threads names the count.
+            from distcnn import threads
+
+            n_threads, thread_source = 1, "--deterministic"
+            threads.apply(1)
         if cfg["dry_run"]:
             if comm.rank == 0:
                 _dry_run(cfg, n_threads, thread_source, comm.size)
