@@ -46,6 +46,15 @@ class TrainState:
     epoch: int = 0  # current epoch (0-based)
     offset: int = 0  # samples of this epoch's global order already used
     best_val: float = -1.0  # best validation accuracy so far (-1: none yet)
+    # The log's averaging window: sums over the steps since the last multiple of --log-every,
+    # saved so that a resumed run logs the same averages as an uninterrupted one.
+    loss_sum: float = 0.0
+    acc_sum: float = 0.0
+    window: int = 0
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written; raised on every rank (the outcome is broadcast)."""
 
 
 @dataclass
@@ -209,6 +218,8 @@ class Trainer:
         self.state = TrainState()
         self.phases = Phases()
         self.preempt = Preemption()
+        self.preempt.install()  # early, so a signal during setup is not fatal either
+        self.saved_step = -1  # step of the last ckpt-<step>.h5 written by this run
         self.fault = fault_from_env(comm.rank)
         self.steps_per_epoch = steps_per_epoch(len(self.train), cfg["batch_size"])
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
@@ -260,13 +271,22 @@ class Trainer:
         """Fill parameters and state on rank 0 (from the seed or the checkpoint); no collective
         here, so a setup error on one rank cannot strand the others: see start()."""
         if resume is not None:
-            self.state = TrainState(resume.step, resume.epoch, resume.offset, resume.best_val)
+            loss_sum, acc_sum, window = resume.extra.get("log_window", (0.0, 0.0, 0))
+            self.state = TrainState(
+                resume.step, resume.epoch, resume.offset, resume.best_val, loss_sum, acc_sum, window
+            )
         if self.comm.rank != 0:
             return
         if resume is None:
             self.model.init_params(self.cfg["seed"])
             return
-        ckpt.check_fits(resume, self.model.param_shapes, self.model.num_classes, str(path))
+        ckpt.check_fits(
+            resume,
+            self.model.param_shapes,
+            self.model.num_classes,
+            str(path),
+            self.model.input_shape,
+        )
         for name, view in self.model.param_views.items():
             view[...] = resume.params[name]
             self.velocity_views[name][...] = resume.velocity[name]
@@ -284,8 +304,10 @@ class Trainer:
         cfg, comm, red, P = self.cfg, self.comm, self.red, self.n_params
         n = len(batch)
         t = time.perf_counter()
+        stop_flag = 1.0 if self.preempt.requested else 0.0
+        nan = bool(self.fault and self.fault == (self.state.step + 1, "nan"))
         if cfg["deterministic"]:
-            self._deterministic_grads(batch)
+            self._deterministic_grads(batch, stop_flag, nan)
             t = self.phases.add("compute", t)
         else:
             lo, hi = shard_bounds(n, comm.size, comm.rank)
@@ -293,13 +315,13 @@ class Trainer:
             labels = self.train.labels[batch[lo:hi]]
             t = self.phases.add("data", t)
             loss, correct = self.model.loss_and_grad(x, labels, scale=1.0 / n)
-            red[P], red[P + 1] = loss, correct
+            red[P], red[P + 1], red[P + 2] = loss, correct, stop_flag
+            if nan:
+                red[0] = np.nan
             t = self.phases.add("compute", t)
-        red[P + 2] = 1.0 if self.preempt.requested else 0.0
-        if self.fault and self.fault == (self.state.step + 1, "nan"):
-            red[0] = np.nan
-        if not cfg["deterministic"]:
-            comm.allreduce_sum(red, f"gradient allreduce, step {self.state.step + 1}")  # MPI
+            # MPI: gradients, loss, correct and the preemption flag in one collective, so every
+            # rank learns of a signal to any rank at the same step.
+            comm.allreduce_sum(red, f"gradient allreduce, step {self.state.step + 1}")
         t = self.phases.add("comm", t)
         grads = red[:P]
         finite = bool(np.isfinite(red[: P + 2].sum()))
@@ -317,9 +339,10 @@ class Trainer:
             )
             self.opt.step(grads, lr)
         self.phases.add("optimizer", t)
-        return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0) or not finite
+        # stop means a preemption request and nothing else; a non-finite step was skipped above
+        return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0)
 
-    def _deterministic_grads(self, batch: np.ndarray) -> None:
+    def _deterministic_grads(self, batch: np.ndarray, stop_flag: float, nan: bool) -> None:
         """Gradient sums of DET_SHARDS fixed micro-shards, added as a fixed binary tree.
 
         This rank owns a power-of-two aligned run of leaves, so its partial sum is a subtree of
@@ -346,12 +369,15 @@ class Trainer:
                 buf, level = left, level + 1
             stack.append((level, buf))
         ((_, mine),) = stack
+        mine[P + 2] = stop_flag  # this rank's preemption flag, summed below
+        if nan:
+            mine[0] = np.nan
+        # MPI: the subtree sums and the flags in one collective
         comm.allgather(mine, self.gathered, f"deterministic allgather, step {self.state.step + 1}")
         parts = list(self.gathered)
         while len(parts) > 1:
             parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
         self.red[...] = parts[0]
-        self.red[P + 2] = self.gathered[:, P + 2].sum()
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -369,30 +395,33 @@ class Trainer:
             input_shape=self.model.input_shape,
             model=self.model.spec,
             config=self.cfg,
+            extra={"log_window": [self.state.loss_sum, self.state.acc_sum, self.state.window]},
         )
 
     def save(self, best: bool = False) -> None:
-        """Rank 0 writes; everyone learns whether it worked (a failed save ends the job)."""
+        """Rank 0 writes ckpt-<step>.h5 (once per step) and, if best, best.h5; everyone learns
+        whether it worked, and a failed save raises SaveFailed on every rank."""
         t = time.perf_counter()
         err = ""
         if self.comm.rank == 0:
             d = Path(self.cfg["checkpoint_dir"])
             try:
                 state = self.checkpoint_state()
-                ckpt.save(d / ckpt.file_name(self.state.step), state)
-                ckpt.prune(d, self.cfg["keep"])
+                if self.saved_step != self.state.step:
+                    ckpt.save(d / ckpt.file_name(self.state.step), state)
+                    self.saved_step = self.state.step
+                    ckpt.prune(d, self.cfg["keep"])
                 if best:
                     ckpt.save(d / "best.h5", state)
-            except (OSError, ValueError) as e:
-                err = f"saving checkpoint at step {self.state.step} in {d} failed: {e}"
+            except Exception as e:  # disk full, directory gone, h5py errors: all end the job
+                err = f"saving the checkpoint of step {self.state.step} in {d} failed: {e}"
         err = self.comm.bcast_object(err, 0, "checkpoint outcome")  # MPI: same branch everywhere
         self.phases.add("checkpoint", t)
         if err:
-            raise RuntimeError(err + "; the previous checkpoint is intact")
+            raise SaveFailed(err + "; the previous checkpoint is intact")
 
     def run(self) -> int:
         cfg, comm, st, con = self.cfg, self.comm, self.state, self.console
-        self.preempt.install()
         n_train = len(self.train)
         con.print(
             f"distcnn: {comm.size} rank(s), model {self.model.spec} ({self.n_params:,} params), "
@@ -404,8 +433,6 @@ class Trainer:
             return 0
         order = epoch_order(cfg["seed"], st.epoch, n_train)
         t_log, imgs_since, t_epoch, imgs_epoch = time.perf_counter(), 0, time.perf_counter(), 0
-        loss_sum = acc_sum = 0.0
-        n_since = 0
         stop = False
         while st.step < self.total_steps and not stop:
             batch = order[st.offset : st.offset + cfg["batch_size"]]
@@ -418,9 +445,9 @@ class Trainer:
             st.offset += len(batch)
             imgs_since += len(batch)
             imgs_epoch += len(batch)
-            loss_sum += loss
-            acc_sum += acc
-            n_since += 1
+            st.loss_sum += loss
+            st.acc_sum += acc
+            st.window += 1
             end_of_epoch = st.offset >= n_train
             last = st.step >= self.total_steps or stop
             if st.step % cfg["log_every"] == 0 or last:
@@ -430,8 +457,8 @@ class Trainer:
                     "time": time.time(),
                     "step": st.step,
                     "epoch": st.epoch + st.offset / n_train,
-                    "loss": loss_sum / n_since,
-                    "accuracy": acc_sum / n_since,
+                    "loss": st.loss_sum / st.window,
+                    "accuracy": st.acc_sum / st.window,
                     "lr": learning_rate(
                         cfg["lr_schedule"],
                         cfg["lr"],
@@ -448,7 +475,9 @@ class Trainer:
                         f"loss {rec['loss']:.4f}  acc {rec['accuracy']:.4f}  lr {rec['lr']:.4g}  "
                         f"{rec['images_per_sec']:.0f} img/s"
                     )
-                t_log, imgs_since, loss_sum, acc_sum, n_since = now, 0, 0.0, 0.0, 0
+                t_log, imgs_since = now, 0
+                if st.step % cfg["log_every"] == 0:  # windows end at multiples of --log-every
+                    st.loss_sum, st.acc_sum, st.window = 0.0, 0.0, 0
             if end_of_epoch:
                 st.epoch += 1
                 st.offset = 0
@@ -460,8 +489,16 @@ class Trainer:
                 self.save()
         self._replica_check()
         self.save()
-        if stop and self.preempt.requested or stop:
-            con.print(f"stopped at step {st.step} on a signal; checkpoint saved, exiting 0")
+        if stop:
+            where = (
+                f"{self.preempt.signal_name} on rank 0"
+                if self.preempt.requested
+                else "a signal on another rank"
+            )
+            con.print(
+                f"preempted ({where}): stopped at step {st.step}, checkpoint "
+                f"{ckpt.file_name(st.step)} saved; exiting 0"
+            )
             return 0
         if self.test is not None:
             t = time.perf_counter()
