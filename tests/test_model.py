@@ -12,6 +12,7 @@ import pytest
 from gradcheck import numerical_grad, rel_error
 
 from distcnn import naive
+from distcnn.errors import UsageError
 from distcnn.model import Model
 
 REFERENCE_SPEC = "conv:16:3,relu,maxpool:2,conv:32:3,relu,maxpool:2,flatten,dense:128,relu,dense"
@@ -184,3 +185,33 @@ def test_model_workspaces_reused_across_batch_sizes():
         assert (loss, correct) == (loss_f, correct_f), f"batch {n}"
         np.testing.assert_array_equal(reused.grads, fresh.grads, err_msg=f"batch {n}")
         np.testing.assert_array_equal(reused.forward(x), logits_f, err_msg=f"batch {n}")
+
+
+def test_spec_options_set_strides_and_paddings():
+    """conv stride/pad options and pool strides reach the layers: shapes follow the formulas."""
+    spec = "conv:4:5:stride=2:pad=valid,relu,maxpool:3:stride=1,avgpool:2:stride=1,flatten,dense"
+    model = Model(spec, (1, 16, 16), 10, dtype=np.float64)
+    # conv (16-5)//2+1 = 6 -> maxpool 3/1: 4 -> avgpool 2/1: 3 -> flatten 4*3*3 = 36 -> dense 10
+    shapes = {name: tuple(v.shape) for name, v in model.param_views.items()}
+    assert shapes == {
+        "conv1.weight": (4, 1, 5, 5),
+        "conv1.bias": (4,),
+        "fc1.weight": (10, 36),
+        "fc1.bias": (10,),
+    }
+    model.init_params(0)
+    assert model.forward(np.zeros((1, 1, 16, 16))).shape == (1, 10)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "conv:16:3,relu",  # does not end with the class layer
+        "conv:4:3,pool:2,flatten,dense",  # unknown layer
+        "conv:x:3,flatten,dense",  # bad filter count
+        "conv:4:3,maxpool:20,flatten,dense",  # window larger than the image
+    ],
+)
+def test_bad_spec_is_a_usage_error(spec):
+    with pytest.raises(UsageError):
+        Model(spec, (1, 8, 8), 10)
