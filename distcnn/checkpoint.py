@@ -1,0 +1,301 @@
+"""HDF5 checkpoints: atomic, checksummed, complete enough to continue a run exactly.
+
+Layout (INTERFACE.md):
+    /model/<name>               float32 parameters, PyTorch names and shapes (conv1.weight, ...)
+    /optimizer/velocity/<name>  SGD momentum buffers, same names and shapes
+    root attrs                  format_version, magic, step, epoch, offset (samples of this
+                                epoch's global order already used), world_size, model, config
+                                (JSON), num_classes, input_shape, seed, best_val, data_order,
+                                attrs_sha256
+    every dataset               attr sha256 of its bytes, verified on every load
+
+Only rank 0 calls the writing functions; the trainer broadcasts their outcome. A save writes
+`ckpt-<step>.h5.tmp` in the same directory, flushes and fsyncs it, renames it over the final
+name and fsyncs the directory, so a crash at any moment leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from distcnn.errors import UsageError
+
+FORMAT_VERSION = 1
+MAGIC = "distcnn-checkpoint"
+NAME_RE = re.compile(r"^ckpt-(\d{8,})\.h5$")
+TMP_SUFFIX = ".tmp"
+DATA_ORDER = "numpy PCG64 permutation from SeedSequence(seed, spawn_key=(1, epoch))"
+_META_KEYS = ("step", "epoch", "offset", "world_size", "seed", "best_val", "num_classes")
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used: unreadable, corrupt, or not for this model."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything a checkpoint holds, in memory."""
+
+    params: dict[str, np.ndarray]
+    velocity: dict[str, np.ndarray]
+    step: int
+    epoch: int
+    offset: int
+    world_size: int
+    seed: int
+    best_val: float
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    model: str
+    config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def file_name(step: int) -> str:
+    return f"ckpt-{step:08d}.h5"
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8)).hexdigest()
+
+
+def _attrs_digest(attrs: dict[str, Any]) -> str:
+    canon = json.dumps(
+        {k: attrs[k] for k in sorted(attrs) if k != "attrs_sha256"}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
+    """Write ck to path atomically and durably; raises OSError on failure, leaving no .h5 behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    attrs: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "magic": MAGIC,
+        "step": int(ck.step),
+        "epoch": int(ck.epoch),
+        "offset": int(ck.offset),
+        "world_size": int(ck.world_size),
+        "seed": int(ck.seed),
+        "best_val": float(ck.best_val),
+        "num_classes": int(ck.num_classes),
+        "input_shape": json.dumps(list(ck.input_shape)),
+        "model": ck.model,
+        "config": json.dumps(ck.config, sort_keys=True),
+        "data_order": DATA_ORDER,
+        "extra": json.dumps(ck.extra, sort_keys=True),
+    }
+    attrs["attrs_sha256"] = _attrs_digest(attrs)
+    try:
+        with open(tmp, "wb") as raw:
+            with h5py.File(raw, "w") as f:
+                for group, arrays in (("model", ck.params), ("optimizer/velocity", ck.velocity)):
+                    g = f.require_group(group)
+                    for name, a in arrays.items():
+                        a = np.asarray(a, dtype=np.float32)
+                        if not np.all(np.isfinite(a)):
+                            raise ValueError(f"refusing to save non-finite values in {name}")
+                        d = g.create_dataset(name, data=a)
+                        d.attrs["sha256"] = _sha(a)
+                for k, v in attrs.items():
+                    f.attrs[k] = v
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _attr(f: h5py.File, key: str, path: Path) -> Any:
+    if key not in f.attrs:
+        raise CheckpointError(
+            f"checkpoint {path} lacks the root attribute {key!r}: it is damaged or not a "
+            "distcnn checkpoint; resume from another one"
+        )
+    v = f.attrs[key]
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Read and verify a checkpoint (format, attributes digest, every dataset's sha256)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file; give an existing .h5 checkpoint")
+    try:
+        with h5py.File(path, "r") as f:
+            version = int(_attr(f, "format_version", path))
+            if version > FORMAT_VERSION:
+                raise CheckpointError(
+                    f"checkpoint {path} has format_version {version}, newer than this distcnn "
+                    f"reads ({FORMAT_VERSION}); upgrade distcnn"
+                )
+            if _attr(f, "magic", path) != MAGIC:
+                raise CheckpointError(f"{path} is not a distcnn checkpoint (no magic)")
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
+            for key in (*_META_KEYS, "model", "config", "input_shape"):
+                _attr(f, key, path)
+            if attrs.get("attrs_sha256") != _attrs_digest(attrs):
+                raise CheckpointError(
+                    f"checkpoint {path}: root attributes fail their checksum (damaged); "
+                    "resume from another checkpoint"
+                )
+            arrays: dict[str, dict[str, np.ndarray]] = {}
+            for group in ("model", "optimizer/velocity"):
+                if group not in f:
+                    raise CheckpointError(f"checkpoint {path} lacks the group /{group}")
+                arrays[group] = {}
+                for name, d in f[group].items():
+                    a = d[()]
+                    if d.attrs.get("sha256") != _sha(a):
+                        raise CheckpointError(
+                            f"checkpoint {path}: /{group}/{name} fails its sha256 checksum "
+                            "(damaged); resume from another checkpoint"
+                        )
+                    arrays[group][name] = a
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated or "
+            "not HDF5: resume from another checkpoint"
+        ) from None
+    return Checkpoint(
+        params=arrays["model"],
+        velocity=arrays["optimizer/velocity"],
+        step=int(attrs["step"]),
+        epoch=int(attrs["epoch"]),
+        offset=int(attrs["offset"]),
+        world_size=int(attrs["world_size"]),
+        seed=int(attrs["seed"]),
+        best_val=float(attrs["best_val"]),
+        num_classes=int(attrs["num_classes"]),
+        input_shape=tuple(json.loads(attrs["input_shape"])),
+        model=str(attrs["model"]),
+        config=json.loads(attrs["config"]),
+        extra=json.loads(attrs.get("extra", "{}")),
+    )
+
+
+def check_fits(
+    ck: Checkpoint, shapes: dict[str, tuple[int, ...]], num_classes: int, path: str
+) -> None:
+    """Raise CheckpointError listing every mismatch between ck and the model's parameters."""
+    problems = []
+    if ck.num_classes != num_classes:
+        problems.append(f"num_classes: expected {num_classes}, found {ck.num_classes}")
+    for name, shape in shapes.items():
+        for group, arrays in (("model", ck.params), ("velocity", ck.velocity)):
+            if name not in arrays:
+                problems.append(f"{group}/{name}: expected {shape}, missing")
+            elif tuple(arrays[name].shape) != tuple(shape):
+                problems.append(
+                    f"{group}/{name}: expected {tuple(shape)}, found {tuple(arrays[name].shape)}"
+                )
+    for name in ck.params:
+        if name not in shapes:
+            problems.append(f"model/{name}: not in this model, found {ck.params[name].shape}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: "
+            + "; ".join(problems)
+            + "; use the --model and dataset it was trained with"
+        )
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of ckpt-*.h5 files in directory, newest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = NAME_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def newest_valid(directory: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that loads and verifies, and a note for each newer one skipped."""
+    skipped = []
+    for _, p in list_checkpoints(directory):
+        try:
+            load(p)
+        except CheckpointError as e:
+            skipped.append(f"skipping damaged checkpoint {p.name}: {e}")
+            continue
+        return p, skipped
+    return None, skipped
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete leftover *.h5.tmp files from a crashed save."""
+    d = Path(directory)
+    removed = []
+    if d.is_dir():
+        for p in d.glob("*.h5" + TMP_SUFFIX):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def prune(directory: str | os.PathLike, keep: int) -> None:
+    """Keep the newest `keep` ckpt-*.h5 files (best.h5 is never touched)."""
+    for _, p in list_checkpoints(directory)[keep:]:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def summarize(path: str | os.PathLike) -> str:
+    """Human-readable summary of a checkpoint, with its checksum status."""
+    path = Path(path)
+    try:
+        ck = load(path)
+        status = "ok (every dataset and the attributes verify)"
+    except CheckpointError as e:
+        return f"checkpoint {path}\n  checksum status: FAILED: {e}"
+    lines = [
+        f"checkpoint {path}",
+        f"  format_version {FORMAT_VERSION}, checksum status: {status}",
+        f"  step {ck.step}, epoch {ck.epoch} (+{ck.offset} samples), written by {ck.world_size} "
+        f"rank(s), seed {ck.seed}, best val accuracy {ck.best_val:.4f}",
+        f"  model {ck.model}  input {tuple(ck.input_shape)}  classes {ck.num_classes}",
+        "  parameters:",
+    ]
+    total = 0
+    for name, a in ck.params.items():
+        lines.append(f"    {name:<16} {tuple(a.shape)}")
+        total += a.size
+    lines.append(f"    total {total:,}")
+    lines.append("  config: " + json.dumps(ck.config, sort_keys=True))
+    return "\n".join(lines)

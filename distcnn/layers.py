@@ -1,0 +1,447 @@
+"""Layers with hand-derived backward passes, NCHW, on preallocated workspaces.
+
+Every layer is an object that owns its workspaces (llm.c style) and has one forward/backward pair:
+
+    y = layer.forward(x)                  # x (N, *in_shape) -> y (N, *out_shape), same dtype
+    dx = layer.backward(dy)               # overwrites the bound parameter gradients, returns dx
+
+A layer remembers what its backward needs from the last forward call, and the arrays it returns
+are workspaces that the next call overwrites. Workspaces are sized for the largest batch seen so
+far and reused for every smaller one, so a training run allocates nothing per step once warm.
+Parameters and their gradients are views into the model's flat buffers, handed over by `bind`.
+
+The slow, obviously correct versions that the tests compare against are in `distcnn.naive`.
+Derivations (for y = conv(x, w) + b, written per element):
+  dL/dw[f,c,i,j] = sum_{n,oh,ow} dy[n,f,oh,ow] * xpad[n,c,oh*s+i,ow*s+j]   (one GEMM on im2col)
+  dL/db[f]       = sum_{n,oh,ow} dy[n,f,oh,ow]
+  dL/dx          = col2im(w^T dy): each input pixel collects the gradient of every output it fed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+Shape = tuple[int, ...]
+
+
+def _pair(v: int | tuple[int, int], what: str) -> tuple[int, int]:
+    if isinstance(v, (int, np.integer)):
+        v = (int(v), int(v))
+    a, b = (int(v[0]), int(v[1]))
+    if a < 1 or b < 1:
+        raise ValueError(f"{what} must be >= 1, got {v}")
+    return a, b
+
+
+class Workspace:
+    """Named scratch arrays carved from flat buffers that only ever grow.
+
+    `get(name, shape)` returns a C-contiguous view of the first prod(shape) elements of the flat
+    buffer kept under `name`, so a smaller batch reuses the larger batch's memory and keeps the
+    same layout in its leading images (padded borders stay zero).
+    """
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self._flat: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: Shape, dtype: np.dtype | None = None) -> np.ndarray:
+        dt = self.dtype if dtype is None else np.dtype(dtype)
+        size = math.prod(shape)
+        buf = self._flat.get(name)
+        if buf is None or buf.size < size or buf.dtype != dt:
+            buf = np.zeros(size, dtype=dt)
+            self._flat[name] = buf
+        return buf[:size].reshape(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._flat.values())
+
+
+class Layer:
+    """Base class: shapes, parameter binding and workspaces; subclasses do the maths."""
+
+    kind = "layer"
+
+    def __init__(self, in_shape: Shape, dtype: np.dtype = np.float32) -> None:
+        self.in_shape: Shape = tuple(int(d) for d in in_shape)
+        self.out_shape: Shape = self.in_shape
+        self.dtype = np.dtype(dtype)
+        self.ws = Workspace(self.dtype)
+        self.name: str | None = None
+        self.p: dict[str, np.ndarray] = {}
+        self.g: dict[str, np.ndarray] = {}
+
+    def param_shapes(self) -> dict[str, Shape]:
+        return {}
+
+    def bind(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        for key, shape in self.param_shapes().items():
+            assert params[key].shape == shape and grads[key].shape == shape, key
+        self.p, self.g = params, grads
+
+    def flops(self) -> int:
+        """Forward floating-point operations per sample (a multiply-add counts as two)."""
+        return 0
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class Conv2d(Layer):
+    """2-D convolution (cross-correlation, as in PyTorch) by im2col and one GEMM per product.
+
+    weight (F, C, KH, KW), bias (F,). Padding is zero padding: "same" = (k-1)//2 on each side
+    (odd kernels only), "valid" = 0, or an int / (ph, pw) pair.
+    Output size: OH = (H + 2*ph - KH) // sh + 1, likewise OW.
+    """
+
+    kind = "conv"
+
+    def __init__(
+        self,
+        in_shape: Shape,
+        filters: int,
+        kernel: int | tuple[int, int] = 3,
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = "same",
+        dtype: np.dtype = np.float32,
+    ) -> None:
+        super().__init__(in_shape, dtype)
+        if len(self.in_shape) != 3:
+            raise ValueError(f"conv needs (C, H, W) inputs, got {self.in_shape}")
+        self.kernel = _pair(kernel, "conv kernel")
+        self.stride = _pair(stride, "conv stride")
+        kh, kw = self.kernel
+        if padding == "same":
+            if kh % 2 == 0 or kw % 2 == 0:
+                raise ValueError(f"padding 'same' needs an odd kernel, got {kh}x{kw}")
+            self.pad = ((kh - 1) // 2, (kw - 1) // 2)
+        elif padding == "valid":
+            self.pad = (0, 0)
+        else:
+            ph, pw = (padding, padding) if isinstance(padding, (int, np.integer)) else padding
+            if int(ph) < 0 or int(pw) < 0:
+                raise ValueError(f"conv padding must be >= 0, got {padding}")
+            self.pad = (int(ph), int(pw))
+        self.filters = int(filters)
+        if self.filters < 1:
+            raise ValueError(f"conv filters must be >= 1, got {filters}")
+        c, h, w = self.in_shape
+        oh = (h + 2 * self.pad[0] - kh) // self.stride[0] + 1
+        ow = (w + 2 * self.pad[1] - kw) // self.stride[1] + 1
+        if oh < 1 or ow < 1:
+            raise ValueError(f"conv {kh}x{kw} with padding {self.pad} does not fit a {h}x{w} input")
+        self.out_shape = (self.filters, oh, ow)
+        self._x: np.ndarray | None = None
+
+    def param_shapes(self) -> dict[str, Shape]:
+        c = self.in_shape[0]
+        return {"weight": (self.filters, c, *self.kernel), "bias": (self.filters,)}
+
+    def flops(self) -> int:
+        c = self.in_shape[0]
+        f, oh, ow = self.out_shape
+        return 2 * f * oh * ow * c * self.kernel[0] * self.kernel[1]
+
+    def describe(self) -> str:
+        kh, kw = self.kernel
+        return f"conv {kh}x{kw}/{self.stride[0]} pad {self.pad[0]}"
+
+    def _padded(self, x: np.ndarray) -> np.ndarray:
+        """x (N, C, H, W) -> xpad (N, C, H+2ph, W+2pw); the border stays zero across calls."""
+        ph, pw = self.pad
+        if ph == 0 and pw == 0:
+            return x
+        n, c, h, w = x.shape
+        xp = self.ws.get("xpad", (n, c, h + 2 * ph, w + 2 * pw))
+        xp[:, :, ph : ph + h, pw : pw + w] = x
+        return xp
+
+    def _windows(self, xp: np.ndarray) -> np.ndarray:
+        """Strided view (C, KH, KW, N, OH, OW) of xpad; [c,i,j,n,a,b] = xp[n,c,a*sh+i,b*sw+j]."""
+        n, c = xp.shape[:2]
+        _, oh, ow = self.out_shape
+        kh, kw = self.kernel
+        sn, sc, sh_, sw_ = xp.strides
+        return as_strided(
+            xp,
+            shape=(c, kh, kw, n, oh, ow),
+            strides=(sc, sh_, sw_, sn, sh_ * self.stride[0], sw_ * self.stride[1]),
+            writeable=False,
+        )
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        c, kh, kw = self.in_shape[0], *self.kernel
+        f, oh, ow = self.out_shape
+        xp = self._padded(x)
+        cols = self.ws.get("cols", (c * kh * kw, n * oh * ow))  # (C*KH*KW, N*OH*OW)
+        cols.reshape(c, kh, kw, n, oh, ow)[...] = self._windows(xp)
+        w2 = self.p["weight"].reshape(f, c * kh * kw)  # (F, C*KH*KW)
+        out2 = self.ws.get("out2", (f, n * oh * ow))  # (F, N*OH*OW)
+        np.matmul(w2, cols, out=out2)
+        out2 += self.p["bias"][:, None]
+        y = self.ws.get("y", (n, f, oh, ow))
+        y[...] = out2.reshape(f, n, oh, ow).transpose(1, 0, 2, 3)
+        self._cols = cols
+        self._n = n
+        return y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        n = self._n
+        c, h, w = self.in_shape
+        kh, kw = self.kernel
+        sh, sw = self.stride
+        ph, pw = self.pad
+        f, oh, ow = self.out_shape
+        dy2 = self.ws.get("dy2", (f, n * oh * ow))  # (F, N*OH*OW)
+        dy2.reshape(f, n, oh, ow)[...] = dy.transpose(1, 0, 2, 3)
+        np.matmul(dy2, self._cols.T, out=self.g["weight"].reshape(f, c * kh * kw))
+        np.sum(dy2, axis=1, out=self.g["bias"])
+        if not need_dx:
+            return None
+        dcols = self.ws.get("dcols", (c * kh * kw, n * oh * ow))  # (C*KH*KW, N*OH*OW)
+        np.matmul(self.p["weight"].reshape(f, c * kh * kw).T, dy2, out=dcols)
+        dc6 = dcols.reshape(c, kh, kw, n, oh, ow)
+        dxp = self.ws.get("dxpad", (n, c, h + 2 * ph, w + 2 * pw))
+        dxp[...] = 0
+        for i in range(kh):  # col2im: one strided add per kernel offset
+            for j in range(kw):
+                dst = dxp[:, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+                dst += dc6[:, i, j].transpose(1, 0, 2, 3)
+        if ph == 0 and pw == 0:
+            return dxp
+        return dxp[:, :, ph : ph + h, pw : pw + w]
+
+
+class ReLU(Layer):
+    """y = max(x, 0); dx = dy where x > 0, else 0."""
+
+    kind = "relu"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = self.ws.get("y", x.shape)
+        np.maximum(x, 0, out=y)
+        self._mask = self.ws.get("mask", x.shape, np.bool_)
+        np.greater(x, 0, out=self._mask)
+        return y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        if not need_dx:
+            return None
+        dx = self.ws.get("dx", dy.shape)
+        np.multiply(dy, self._mask, out=dx)
+        return dx
+
+
+class _Pool2d(Layer):
+    """Shared geometry of the pooling layers: windows of (KH, KW) every (SH, SW), no padding,
+    output floor((H - KH) / SH) + 1 as in PyTorch (rows that fit no window get no gradient).
+    """
+
+    def __init__(
+        self,
+        in_shape: Shape,
+        kernel: int | tuple[int, int] = 2,
+        stride: int | tuple[int, int] | None = None,
+        dtype: np.dtype = np.float32,
+    ) -> None:
+        super().__init__(in_shape, dtype)
+        if len(self.in_shape) != 3:
+            raise ValueError(f"{self.kind} needs (C, H, W) inputs, got {self.in_shape}")
+        self.kernel = _pair(kernel, f"{self.kind} kernel")
+        self.stride = self.kernel if stride is None else _pair(stride, f"{self.kind} stride")
+        c, h, w = self.in_shape
+        oh = (h - self.kernel[0]) // self.stride[0] + 1
+        ow = (w - self.kernel[1]) // self.stride[1] + 1
+        if oh < 1 or ow < 1:
+            raise ValueError(f"{self.kind} {self.kernel} does not fit a {h}x{w} input")
+        self.out_shape = (c, oh, ow)
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.kernel[0]}x{self.kernel[1]}/{self.stride[0]}"
+
+    def _offset_view(self, a: np.ndarray, i: int, j: int) -> np.ndarray:
+        """(N, C, OH, OW) view of a (N, C, H, W) at window offset (i, j)."""
+        _, oh, ow = self.out_shape
+        sh, sw = self.stride
+        return a[:, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+
+
+class MaxPool2d(_Pool2d):
+    """y = max over each window; the gradient goes to exactly one input per window, the first
+    maximum in row-major window order (so ties never double-count)."""
+
+    kind = "maxpool"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        c, oh, ow = self.out_shape
+        kh, kw = self.kernel
+        y = self.ws.get("y", (n, c, oh, ow))
+        arg = self.ws.get("arg", (n, c, oh, ow), np.uint8 if kh * kw < 256 else np.int32)
+        better = self.ws.get("better", (n, c, oh, ow), np.bool_)
+        y[...] = self._offset_view(x, 0, 0)
+        arg[...] = 0
+        for k in range(1, kh * kw):  # strict > keeps the first maximum on ties
+            v = self._offset_view(x, *divmod(k, kw))
+            np.greater(v, y, out=better)
+            np.copyto(y, v, where=better)
+            np.copyto(arg, k, where=better)
+        self._arg = arg
+        self._xshape = x.shape
+        return y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        if not need_dx:
+            return None
+        kh, kw = self.kernel
+        dx = self.ws.get("dx", self._xshape)
+        hit = self.ws.get("hit", dy.shape, np.bool_)
+        overlap = self.stride[0] < kh or self.stride[1] < kw
+        tiled = (not overlap) and self._tiles_exactly()
+        if not tiled:
+            dx[...] = 0
+        for k in range(kh * kw):
+            dst = self._offset_view(dx, *divmod(k, kw))
+            np.equal(self._arg, k, out=hit)
+            if overlap:
+                dst += np.where(hit, dy, 0)
+            else:
+                np.multiply(dy, hit, out=dst)
+        return dx
+
+    def _tiles_exactly(self) -> bool:
+        """True when the windows cover every input pixel exactly once."""
+        c, h, w = self.in_shape
+        _, oh, ow = self.out_shape
+        return self.stride == self.kernel and oh * self.kernel[0] == h and ow * self.kernel[1] == w
+
+
+class AvgPool2d(_Pool2d):
+    """y = mean over each window; every input in a window gets dy / (KH*KW)."""
+
+    kind = "avgpool"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        c, oh, ow = self.out_shape
+        kh, kw = self.kernel
+        y = self.ws.get("y", (n, c, oh, ow))
+        y[...] = self._offset_view(x, 0, 0)
+        for k in range(1, kh * kw):
+            y += self._offset_view(x, *divmod(k, kw))
+        y *= 1.0 / (kh * kw)
+        self._xshape = x.shape
+        return y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        if not need_dx:
+            return None
+        kh, kw = self.kernel
+        dx = self.ws.get("dx", self._xshape)
+        share = self.ws.get("share", dy.shape)
+        np.multiply(dy, 1.0 / (kh * kw), out=share)
+        dx[...] = 0
+        for k in range(kh * kw):
+            self._offset_view(dx, *divmod(k, kw))[...] += share
+        return dx
+
+
+class Flatten(Layer):
+    """(N, C, H, W) -> (N, C*H*W) in C, H, W order, as torch.flatten does; a view both ways."""
+
+    kind = "flatten"
+
+    def __init__(self, in_shape: Shape, dtype: np.dtype = np.float32) -> None:
+        super().__init__(in_shape, dtype)
+        self.out_shape = (math.prod(self.in_shape),)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        return dy.reshape(dy.shape[0], *self.in_shape) if need_dx else None
+
+
+class Linear(Layer):
+    """y = x @ W^T + b with W (out, in) as in PyTorch; inputs of any shape are flattened first.
+
+    dW = dy^T @ x, db = sum_n dy, dx = dy @ W.
+    """
+
+    kind = "dense"
+
+    def __init__(self, in_shape: Shape, out_features: int, dtype: np.dtype = np.float32) -> None:
+        super().__init__(in_shape, dtype)
+        self.in_features = math.prod(self.in_shape)
+        self.out_features = int(out_features)
+        if self.out_features < 1:
+            raise ValueError(f"dense width must be >= 1, got {out_features}")
+        self.out_shape = (self.out_features,)
+
+    def param_shapes(self) -> dict[str, Shape]:
+        return {"weight": (self.out_features, self.in_features), "bias": (self.out_features,)}
+
+    def flops(self) -> int:
+        return 2 * self.in_features * self.out_features
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x2 = x.reshape(x.shape[0], self.in_features)  # (N, in)
+        y = self.ws.get("y", (x.shape[0], self.out_features))  # (N, out)
+        np.matmul(x2, self.p["weight"].T, out=y)
+        y += self.p["bias"]
+        self._x = x2
+        self._xshape = x.shape
+        return y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        np.matmul(dy.T, self._x, out=self.g["weight"])
+        np.sum(dy, axis=0, out=self.g["bias"])
+        if not need_dx:
+            return None
+        dx = self.ws.get("dx", (dy.shape[0], self.in_features))
+        np.matmul(dy, self.p["weight"], out=dx)
+        return dx.reshape(self._xshape)
+
+
+def softmax_cross_entropy(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    scale: float = 1.0,
+    dlogits: np.ndarray | None = None,
+) -> tuple[float, int, np.ndarray]:
+    """Summed softmax cross-entropy of logits (N, K) against integer labels (N,).
+
+    Stable for any finite logits: z = logits - max(logits) and log-sum-exp on z, so exp never
+    overflows. loss_i = log(sum_k exp(z_ik)) - z_i,label_i.
+    Returns (sum_i loss_i, number of argmax == label, dlogits) with
+    dlogits = scale * (softmax(logits) - onehot(labels)), the gradient of scale * sum_i loss_i.
+    """
+    n = logits.shape[0]
+    if dlogits is None:
+        dlogits = np.empty_like(logits)
+    if n == 0:
+        return 0.0, 0, dlogits
+    rows = np.arange(n)
+    np.subtract(logits, logits.max(axis=1, keepdims=True), out=dlogits)  # z, max entry is 0
+    z_label = dlogits[rows, labels].astype(np.float64)
+    np.exp(dlogits, out=dlogits)
+    sums = dlogits.sum(axis=1, keepdims=True)
+    loss = float(np.sum(np.log(sums[:, 0].astype(np.float64)) - z_label))
+    correct = int(np.count_nonzero(logits.argmax(axis=1) == labels))
+    dlogits /= sums
+    dlogits[rows, labels] -= 1.0
+    if scale != 1.0:
+        dlogits *= scale
+    return loss, correct, dlogits

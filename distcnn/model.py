@@ -1,0 +1,267 @@
+"""A sequential CNN built from a short text spec, with all parameters in one flat buffer.
+
+Spec: comma-separated layers, e.g. the reference model (REFERENCE_SPEC)
+
+    conv:16:3,relu,maxpool:2,conv:32:3,relu,maxpool:2,flatten,dense:128,relu,dense
+
+    conv:F:K[:stride=S][:pad=same|valid|P]   F filters of K x K (K may be KHxKW), default same/1
+    maxpool:K[:stride=S]  avgpool:K[:stride=S]   stride defaults to K
+    relu  flatten  dense:OUT   a bare `dense` has num_classes outputs (the last layer must)
+
+Parameters live in one flat buffer `params` (and gradients in `grads`) with one named view per
+tensor, named and shaped as PyTorch names them: conv1.weight (F, C, KH, KW), conv1.bias (F,),
+fc1.weight (out, in), ... so the whole gradient is one allreduce and a checkpoint maps onto a
+state_dict unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from distcnn.errors import UsageError
+from distcnn.layers import (
+    AvgPool2d,
+    Conv2d,
+    Flatten,
+    Layer,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    softmax_cross_entropy,
+)
+
+REFERENCE_SPEC = "conv:16:3,relu,maxpool:2,conv:32:3,relu,maxpool:2,flatten,dense:128,relu,dense"
+
+_NAME_PREFIX = {"conv": "conv", "dense": "fc"}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    kind: str
+    args: tuple[str, ...]
+    opts: dict[str, str]
+    text: str
+
+
+def _kernel(text: str, token: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    try:
+        kh, kw = (int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"bad kernel size {text!r} in layer {token!r}: use K or KHxKW") from None
+    return kh, kw
+
+
+def _int(text: str, token: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"bad {what} {text!r} in layer {token!r}: use a whole number") from None
+
+
+def parse_spec(spec: str) -> list[LayerSpec]:
+    """Split a model spec into layer descriptions; UsageError on unknown or malformed layers."""
+    out = []
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tokens:
+        raise UsageError(f"--model {spec!r} is empty: give layers such as {REFERENCE_SPEC!r}")
+    for token in tokens:
+        parts = [p.strip() for p in token.split(":")]
+        kind = parts[0].lower()
+        args = tuple(p for p in parts[1:] if "=" not in p)
+        opts = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        known = {"conv": (2, {"stride", "pad"}), "maxpool": (1, {"stride"}),
+                 "avgpool": (1, {"stride"}), "relu": (0, set()), "flatten": (0, set()),
+                 "dense": (1, set())}  # fmt: skip
+        if kind not in known:
+            raise UsageError(
+                f"unknown layer {token!r} in --model: use conv, relu, maxpool, avgpool, "
+                f"flatten, dense (e.g. {REFERENCE_SPEC!r})"
+            )
+        max_args, allowed = known[kind]
+        if len(args) > max_args or (kind == "conv" and len(args) != 2):
+            raise UsageError(
+                f"layer {token!r} has the wrong arguments: write conv:FILTERS:K, maxpool:K, "
+                "avgpool:K, dense:OUT (or a bare dense for the class layer)"
+            )
+        bad = set(opts) - allowed
+        if bad:
+            raise UsageError(
+                f"layer {token!r} has unknown option(s) {sorted(bad)}: allowed {sorted(allowed)}"
+            )
+        out.append(LayerSpec(kind, args, opts, token))
+    return out
+
+
+def build_layers(
+    spec: str, input_shape: tuple[int, int, int], num_classes: int, dtype: np.dtype = np.float32
+) -> list[Layer]:
+    """Instantiate the layers of `spec` for per-sample input (C, H, W); names conv1, fc1, ..."""
+    specs = parse_spec(spec)
+    layers: list[Layer] = []
+    shape: tuple[int, ...] = tuple(input_shape)
+    counts = {"conv": 0, "dense": 0}
+    for i, ls in enumerate(specs):
+        last = i == len(specs) - 1
+        try:
+            if ls.kind == "conv":
+                if len(shape) != 3:
+                    raise ValueError(f"conv needs an image input, got shape {shape}")
+                pad: str | int = ls.opts.get("pad", "same")
+                if pad not in ("same", "valid"):
+                    pad = _int(str(pad), ls.text, "padding")
+                layer: Layer = Conv2d(
+                    shape,
+                    _int(ls.args[0], ls.text, "filter count"),
+                    _kernel(ls.args[1], ls.text),
+                    _int(ls.opts.get("stride", "1"), ls.text, "stride"),
+                    pad,
+                    dtype,
+                )
+            elif ls.kind in ("maxpool", "avgpool"):
+                if len(shape) != 3:
+                    raise ValueError(f"pooling needs an image input, got shape {shape}")
+                k = _kernel(ls.args[0], ls.text) if ls.args else (2, 2)
+                s = _kernel(ls.opts["stride"], ls.text) if "stride" in ls.opts else None
+                cls = MaxPool2d if ls.kind == "maxpool" else AvgPool2d
+                layer = cls(shape, k, s, dtype)
+            elif ls.kind == "relu":
+                layer = ReLU(shape, dtype)
+            elif ls.kind == "flatten":
+                layer = Flatten(shape, dtype)
+            else:
+                width = _int(ls.args[0], ls.text, "width") if ls.args else num_classes
+                layer = Linear(shape, width, dtype)
+        except ValueError as e:
+            raise UsageError(
+                f"layer {i + 1} {ls.text!r} of --model does not fit its input {shape} "
+                f"(image {tuple(input_shape)}): {e}; use fewer pooling layers or larger images"
+            ) from None
+        if ls.kind in counts:
+            counts[ls.kind] += 1
+            layer.name = f"{_NAME_PREFIX[ls.kind]}{counts[ls.kind]}"
+        layers.append(layer)
+        shape = layer.out_shape
+        if last and (ls.kind != "dense" or shape != (num_classes,)):
+            raise UsageError(
+                f"--model must end with a dense layer of {num_classes} outputs (the classes), "
+                f"it ends with {ls.text!r} giving {shape}: append ',dense'"
+            )
+    return layers
+
+
+class Model:
+    """Sequential network + softmax cross-entropy over flat parameter and gradient buffers.
+
+    params, grads: 1-D arrays of `num_params` elements (dtype); param_views / grad_views map
+    "conv1.weight" etc. to reshaped views into them, in layer order.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        dtype: np.dtype = np.float32,
+        grad_extra: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.num_classes = int(num_classes)
+        self.dtype = np.dtype(dtype)
+        self.layers = build_layers(spec, self.input_shape, self.num_classes, self.dtype)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer in self.layers:
+            for key, shape in layer.param_shapes().items():
+                shapes[f"{layer.name}.{key}"] = shape
+        self.param_shapes = shapes
+        self.num_params = sum(math.prod(s) for s in shapes.values())
+        self.params = np.zeros(self.num_params, dtype=self.dtype)  # (P,)
+        # grad_buffer has `grad_extra` spare slots after the gradient, so a trainer can reduce
+        # the gradient and a few scalars (loss, accuracy, flags) in a single collective.
+        self.grad_buffer = np.zeros(self.num_params + grad_extra, dtype=self.dtype)
+        self.grads = self.grad_buffer[: self.num_params]  # (P,)
+        self.param_views = self.views_of(self.params)
+        self.grad_views = self.views_of(self.grads)
+        for layer in self.layers:
+            keys = layer.param_shapes()
+            if keys:
+                layer.bind(
+                    {k: self.param_views[f"{layer.name}.{k}"] for k in keys},
+                    {k: self.grad_views[f"{layer.name}.{k}"] for k in keys},
+                )
+        self._dlogits: np.ndarray | None = None
+
+    def views_of(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Named views into a flat buffer laid out like params (velocity, gradients, ...)."""
+        views, offset = {}, 0
+        for name, shape in self.param_shapes.items():
+            size = math.prod(shape)
+            views[name] = flat[offset : offset + size].reshape(shape)
+            offset += size
+        return views
+
+    def init_params(self, seed: int) -> None:
+        """He (Kaiming) normal weights, std sqrt(2 / fan_in); zero biases. Decided by seed alone."""
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+        for name, view in self.param_views.items():
+            if name.endswith(".bias"):
+                view[...] = 0
+            else:
+                fan_in = math.prod(view.shape[1:])
+                std = math.sqrt(2.0 / fan_in)
+                view[...] = rng.standard_normal(view.shape, dtype=np.float64) * std
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (N, C, H, W) -> logits (N, num_classes); a workspace reused by the next call."""
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dlogits: np.ndarray) -> None:
+        """Fill self.grads from dL/dlogits (N, num_classes), layers in reverse order."""
+        d: np.ndarray | None = dlogits
+        for i in range(len(self.layers) - 1, -1, -1):
+            d = self.layers[i].backward(d, need_dx=i > 0)
+
+    def loss_and_grad(
+        self, x: np.ndarray, labels: np.ndarray, scale: float = 1.0
+    ) -> tuple[float, int]:
+        """Forward and backward on one batch. grads = scale * d(sum of CE losses)/d(params).
+
+        Returns (sum of per-sample losses, number correct). An empty batch gives zero gradients.
+        """
+        if x.shape[0] == 0:
+            self.grads[...] = 0
+            return 0.0, 0
+        logits = self.forward(x)
+        if self._dlogits is None or self._dlogits.shape[0] < logits.shape[0]:
+            self._dlogits = np.empty_like(logits)
+        loss, correct, dlogits = softmax_cross_entropy(
+            logits, labels, scale, self._dlogits[: logits.shape[0]]
+        )
+        self.backward(dlogits)
+        return loss, correct
+
+    def evaluate(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int, np.ndarray]:
+        """(loss sum, correct, predictions (N,)) for one batch, forward only."""
+        logits = self.forward(x)
+        loss, correct, _ = softmax_cross_entropy(logits, labels)
+        return loss, correct, logits.argmax(axis=1)
+
+    def flops_per_sample(self) -> int:
+        """Forward FLOPs per sample; a training step costs about three times this."""
+        return sum(layer.flops() for layer in self.layers)
+
+    def summary(self) -> list[tuple[str, str, tuple[int, ...], int, int]]:
+        """Rows (name, description, output shape, parameter count, forward FLOPs per sample)."""
+        rows = []
+        for layer in self.layers:
+            count = sum(math.prod(s) for s in layer.param_shapes().values())
+            rows.append((layer.name or "", layer.describe(), layer.out_shape, count, layer.flops()))
+        return rows

@@ -1,0 +1,68 @@
+"""SGD with momentum and weight decay on flat buffers, and learning-rate schedules.
+
+One step, exactly as INTERFACE.md defines it (g is the gradient of the mean loss over the
+global batch):
+    v = momentum * v + g + weight_decay * p
+    p = p - lr * v
+The schedule is a pure function of the step, so resuming needs only the step count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SCHEDULES = ("constant", "cosine", "step")
+
+
+class SGD:
+    """Momentum SGD over one flat parameter buffer; `velocity` is the whole optimizer state."""
+
+    def __init__(
+        self, params: np.ndarray, momentum: float = 0.9, weight_decay: float = 0.0
+    ) -> None:
+        self.params = params  # (P,) updated in place
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.velocity = np.zeros_like(params)  # (P,)
+
+    def step(self, grads: np.ndarray, lr: float) -> None:
+        v = self.velocity
+        if self.momentum != 0.0:
+            v *= self.momentum
+            v += grads
+        else:
+            v[...] = grads
+        if self.weight_decay != 0.0:
+            v += self.weight_decay * self.params
+        self.params -= np.asarray(lr, dtype=self.params.dtype) * v
+
+
+def learning_rate(
+    name: str,
+    base_lr: float,
+    step: int,
+    total_steps: int,
+    warmup_steps: int = 0,
+    step_size: int = 0,
+    gamma: float = 0.1,
+) -> float:
+    """Learning rate for optimizer step `step` (0-based) of a run of `total_steps` steps.
+
+    constant: base_lr. cosine: base_lr * (1 + cos(pi * t)) / 2 with t = step / total_steps.
+    step: base_lr * gamma ** (step // step_size). A linear warm-up over `warmup_steps` steps
+    multiplies any of them.
+    """
+    if name == "constant":
+        lr = base_lr
+    elif name == "cosine":
+        t = min(step, total_steps) / max(1, total_steps)
+        lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    elif name == "step":
+        lr = base_lr * gamma ** (step // max(1, step_size))
+    else:
+        raise ValueError(f"unknown schedule {name!r}; use one of {SCHEDULES}")
+    if warmup_steps > 0 and step < warmup_steps:
+        lr *= (step + 1) / warmup_steps
+    return lr

@@ -1,0 +1,194 @@
+"""`python -m distcnn.train`: the command-line shell over distcnn.trainer.
+
+One process, or data-parallel under `mpirun -n N` / `mpiexec -n N` / `srun`: the same code path,
+with a communicator of size 1 or N. The order of things matters here:
+  1. parse the flags (standard library only);
+  2. start MPI and count the ranks on this node (mpi4py does not import NumPy);
+  3. set the BLAS thread count, THEN import NumPy and the numeric modules;
+  4. settle everything that can be wrong with the input before training, agreeing across ranks,
+     so a bad flag or file ends every rank with exit code 2 and one message;
+  5. train, with any failure on any rank turned into an abort of the whole job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from typing import Any
+
+from distcnn.errors import UsageError
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    from distcnn import config
+
+    out = io.StringIO()
+    try:
+        # --help / --version print on rank 0 only
+        with contextlib.redirect_stdout(out if rank else sys.stdout):
+            flags = config.parse_flags(argv)
+    except UsageError as e:
+        return _error(str(e)) if rank == 0 else 2
+
+    from distcnn import threads
+
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    n_threads, source = threads.choose(flags.get("threads"), node.Get_size())
+    node.Free()
+    threads.apply(n_threads)
+
+    from distcnn.comm import Comm, run_or_abort
+
+    comm = Comm(world, timeout=None)
+    return run_or_abort(lambda: _run(flags, comm, n_threads, source), comm)
+
+
+def _agree(comm: Any, err: str | None) -> str | None:
+    """Every rank learns the first error any rank hit (setup errors are usage errors)."""
+    errors = comm.gather_objects(err, "setup check")  # MPI
+    for r, e in enumerate(errors):
+        if e:
+            return e if r == 0 or all(x == e for x in errors if x) else f"[rank {r}] {e}"
+    return None
+
+
+def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -> int:
+    from distcnn import checkpoint as ckpt
+    from distcnn import config
+
+    # Rank 0 decides what to resume from; everyone gets the decision and the stored config.
+    decision: dict[str, Any] = {}
+    if comm.rank == 0:
+        try:
+            decision = _resume_decision(flags)
+        except UsageError as e:
+            decision = {"error": str(e)}
+    decision = comm.bcast_object(decision, 0, "resume decision")  # MPI
+    if decision.get("error"):
+        return _error(decision["error"]) if comm.rank == 0 else 2
+
+    err = None
+    trainer = None
+    try:
+        cfg, warnings = config.resolve(flags, decision.get("config"))
+        warnings = decision.get("notes", []) + warnings
+        comm.timeout = float(cfg["collective_timeout"])
+        if cfg["deterministic"] and cfg["threads"] is None and n_threads != 1:
+            # Bitwise reproducibility across rank counts needs the same BLAS partitioning on
+            # every rank: pin one thread unless --threads names the count.
+            from distcnn import threads
+
+            n_threads, thread_source = 1, "--deterministic"
+            threads.apply(1)
+        if cfg["dry_run"]:
+            if comm.rank == 0:
+                _dry_run(cfg, n_threads, thread_source, comm.size)
+            return 0
+        from distcnn.trainer import Trainer
+
+        resume = None
+        if decision.get("path"):
+            resume = ckpt.load(decision["path"]) if comm.rank == 0 else decision["meta"]
+        trainer = Trainer(cfg, comm, warnings, resume, decision.get("path"))
+        if comm.rank == 0:
+            d = ckpt.Path(cfg["checkpoint_dir"])
+            d.mkdir(parents=True, exist_ok=True)
+            if not d.is_dir():
+                raise UsageError(f"--checkpoint-dir {d} is not a directory; give a directory")
+            for p in ckpt.remove_stale_temporaries(d):
+                trainer.console.warn(f"removed {p}, left by an interrupted save")
+    except UsageError as e:
+        err = str(e)
+    except OSError as e:
+        err = (
+            f"--checkpoint-dir {flags.get('checkpoint_dir', 'checkpoints')} is unusable ({e}); "
+            "give a writable directory"
+        )
+    err = _agree(comm, err)
+    if err:
+        return _error(err) if comm.rank == 0 else 2
+    assert trainer is not None
+    trainer.start()
+    if comm.rank == 0:
+        print(f"threads per rank: {n_threads} (from {thread_source})", flush=True)
+        print("config: " + json.dumps(trainer.cfg, sort_keys=True), flush=True)
+    return trainer.run()
+
+
+def _resume_decision(flags: dict[str, Any]) -> dict[str, Any]:
+    """On rank 0: which checkpoint to resume from (if any) and its config and position."""
+    from distcnn import checkpoint as ckpt
+    from distcnn import config
+
+    resume = flags.get("resume")
+    if resume is None and flags.get("config"):
+        resume = config.read_toml(flags["config"]).get("resume")
+    if not resume:
+        return {}
+    notes = []
+    if resume == "auto":
+        directory = flags.get("checkpoint_dir")
+        if directory is None and flags.get("config"):
+            directory = config.read_toml(flags["config"]).get("checkpoint_dir")
+        directory = directory or config.DEFAULTS["checkpoint_dir"]
+        path, notes = ckpt.newest_valid(directory)
+        if path is None:
+            return {
+                "notes": notes + [f"--resume auto: no checkpoint in {directory}; starting fresh"]
+            }
+    else:
+        path = resume
+    ck = ckpt.load(path)
+    meta = ckpt.Checkpoint(
+        params={},
+        velocity={},
+        step=ck.step,
+        epoch=ck.epoch,
+        offset=ck.offset,
+        world_size=ck.world_size,
+        seed=ck.seed,
+        best_val=ck.best_val,
+        num_classes=ck.num_classes,
+        input_shape=ck.input_shape,
+        model=ck.model,
+        config=ck.config,
+    )
+    notes.append(f"resuming from {path} at step {ck.step} (written by {ck.world_size} rank(s))")
+    return {"path": str(path), "config": ck.config, "meta": meta, "notes": notes}
+
+
+def _dry_run(cfg: dict[str, Any], n_threads: int, thread_source: str, ranks: int) -> None:
+    import h5py
+
+    from distcnn import data as datamod
+    from distcnn.model import REFERENCE_SPEC, Model
+
+    path = cfg["data"] or str(datamod.DEFAULT_DATASET)
+    train = datamod.load_split(path, "train")
+    with h5py.File(path, "r") as f:
+        splits = {k: f[k]["labels"].shape[0] for k in f if isinstance(f[k], h5py.Group)}
+    model = Model(cfg["model"] or REFERENCE_SPEC, train.image_shape, train.num_classes)
+    print("config: " + json.dumps(cfg, sort_keys=True))
+    print(f"ranks: {ranks}, threads per rank: {n_threads} (from {thread_source})")
+    print(f"data: {path} {splits}, image {train.image_shape}, {train.num_classes} classes")
+    print(f"{'layer':<8} {'kind':<24} {'output':<16} {'params':>10} {'MFLOP/img':>10}")
+    for name, desc, shape, count, flops in model.summary():
+        print(f"{name:<8} {desc:<24} {str(shape):<16} {count:>10,} {flops / 1e6:>10.3f}")
+    fwd = model.flops_per_sample()
+    print(f"{'total':<8} {'':<24} {'':<16} {model.num_params:>10,} {fwd / 1e6:>10.3f}")
+    print(f"train step ~{3 * fwd / 1e6:.2f} MFLOP per image (forward + backward)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
