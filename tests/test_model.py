@@ -215,3 +215,18 @@ def test_spec_options_set_strides_and_paddings():
 def test_bad_spec_is_a_usage_error(spec):
     with pytest.raises(UsageError):
         Model(spec, (1, 8, 8), 10)
+
+
+def test_grad_extra_slots_are_left_alone():
+    """The trainer packs loss and accuracy after the gradient in grad_buffer for one Allreduce;
+    backward must write the gradient, and only the gradient."""
+    rng = np.random.default_rng(6)
+    model = Model(TINY_SPEC, TINY_INPUT, TINY_CLASSES, dtype=np.float64, grad_extra=3)
+    model.init_params(0)
+    assert model.grad_buffer.size == model.params.size + 3
+    assert np.shares_memory(model.grads, model.grad_buffer)
+    model.grad_buffer[-3:] = [7.0, 8.0, 9.0]
+    x = rng.standard_normal((4, *TINY_INPUT))
+    model.loss_and_grad(x, rng.integers(0, TINY_CLASSES, size=4))
+    np.testing.assert_array_equal(model.grad_buffer[-3:], [7.0, 8.0, 9.0])
+    assert np.any(model.grads != 0)
