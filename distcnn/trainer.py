@@ -118,8 +118,14 @@ class Console:
     def __init__(self, comm: Comm, log_path: str | None, resumed_step: int | None) -> None:
         self.on = comm.rank == 0
         self.log_path = log_path
-        if self.on and log_path and resumed_step is not None and Path(log_path).exists():
-            self._truncate_log(Path(log_path), resumed_step)
+        self.resumed_step = resumed_step
+
+    def continue_log(self) -> None:
+        """Once setup has succeeded (a refused resume leaves the log alone): drop the records
+        past the step resumed from."""
+        path, step = self.log_path, self.resumed_step
+        if self.on and path and step is not None and Path(path).exists():
+            self._truncate_log(Path(path), step)
 
     @staticmethod
     def _truncate_log(path: Path, step: int) -> None:
@@ -293,6 +299,7 @@ class Trainer:
 
     def start(self) -> None:
         """MPI: rank 0's parameters and optimizer state become everyone's."""
+        self.console.continue_log()
         self.comm.bcast(self.model.params, 0, "initial parameters")
         self.comm.bcast(self.opt.velocity, 0, "optimizer state")
 

@@ -235,8 +235,8 @@ def _rank_pids(root_pid: int) -> dict[int, int]:
 
 def _interrupt(args: list[str], ranks: int, target: str, sig: int) -> subprocess.CompletedProcess:
     """Start a run, wait for its first progress line, then freeze every rank (SIGSTOP) so the
-    run cannot end before the signal lands, send `sig` to `target` ("rank1", "all" or
-    "mpirun"), and let the ranks go on."""
+    run cannot end before the signal lands, send `sig` to `target` ("rank1" or "mpirun"),
+    and let the ranks go on."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [mpirun(), "-n", str(ranks), sys.executable, "-m", "distcnn.train", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -250,8 +250,7 @@ def _interrupt(args: list[str], ranks: int, target: str, sig: int) -> subprocess
         assert sorted(pids) == list(range(ranks)), (pids, head)
         for pid in pids.values():
             os.kill(pid, signal.SIGSTOP)
-        for pid in {"rank1": [pids[1]], "all": list(pids.values()), "mpirun": [proc.pid]}[target]:
-            os.kill(pid, sig)
+        os.kill(pids[1] if target == "rank1" else proc.pid, sig)
         time.sleep(0.05)  # let mpirun forward it while the ranks are frozen
         for pid in pids.values():
             os.kill(pid, signal.SIGCONT)
@@ -320,8 +319,10 @@ def test_refusals_exit_2_with_one_message_and_auto_falls_back(tmp_path, tiny_dat
 
     common = [*BASE, "--data", str(tiny_data), "--epochs", "2", "--checkpoint-every", "4"]
     d = tmp_path / "ck"
-    ok(train([*common, "--checkpoint-dir", str(d), "--max-steps", "8"]))
-    good = d / ckpt.file_name(8)
+    log = tmp_path / "log.jsonl"
+    ok(train([*common, "--checkpoint-dir", str(d), "--max-steps", "8", "--log", str(log)]))
+    good, older = d / ckpt.file_name(8), d / ckpt.file_name(4)
+    log_text = log.read_text()
 
     assert datamod.main(["info", str(good)]) == 0
     out = capsys.readouterr().out
@@ -337,10 +338,11 @@ def test_refusals_exit_2_with_one_message_and_auto_falls_back(tmp_path, tiny_dat
         assert err.startswith(f"error: checkpoint {bad}") and message in err, (how, err)
 
     other = "conv:8:3,relu,maxpool:2,flatten,dense:16,relu,dense"
-    r = train(["--resume", str(good), "--model", other])
+    r = train(["--resume", str(older), "--model", other])
     assert r.returncode == 2
     err = last_error(r)
-    assert err.startswith(f"error: checkpoint {good} does not fit this model: ")
+    assert err.startswith(f"error: checkpoint {older} does not fit this model: ")
+    assert log.read_text() == log_text  # a refused resume does not cut the log back to step 4
     for part in (
         "model/conv1.weight: expected (8, 1, 3, 3), found (4, 1, 3, 3)",
         "velocity/conv1.bias: expected (8,), found (4,)",
