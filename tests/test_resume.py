@@ -207,7 +207,7 @@ def test_resume_on_another_number_of_ranks(tmp_path, tiny_data):
 
 
 def _rank_pids(root_pid: int) -> dict[int, int]:
-    """{rank: pid} of the MPI processes below root_pid (PMI_RANK in their environment)."""
+    """{rank: pid} of the MPI processes below root_pid (their rank is in their environment)."""
     parent = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -228,7 +228,7 @@ def _rank_pids(root_pid: int) -> dict[int, int]:
         except OSError:
             continue
         for item in env:
-            if item.startswith(b"PMI_RANK="):
+            if item.startswith((b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=")):
                 ranks[int(item.split(b"=", 1)[1])] = pid
     return ranks
 
