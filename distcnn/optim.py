@@ -51,7 +51,8 @@ def learning_rate(
     """Learning rate for optimizer step `step` (0-based) of a run of `total_steps` steps.
 
     constant: base_lr. cosine: base_lr * (1 + cos(pi * t)) / 2 with t = step / total_steps.
-    step: base_lr * gamma ** (step // step_size). A linear warm-up over `warmup_steps` steps
+    step: base_lr * gamma ** (step // step_size), step_size defaulting to a third of the run
+    (so two decays). A linear warm-up over `warmup_steps` steps
     multiplies any of them.
     """
     if name == "constant":
@@ -60,7 +61,8 @@ def learning_rate(
         t = min(step, total_steps) / max(1, total_steps)
         lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
     elif name == "step":
-        lr = base_lr * gamma ** (step // max(1, step_size))
+        size = step_size if step_size > 0 else max(1, -(-total_steps // 3))
+        lr = base_lr * gamma ** (step // size)
     else:
         raise ValueError(f"unknown schedule {name!r}; use one of {SCHEDULES}")
     if warmup_steps > 0 and step < warmup_steps:

@@ -42,8 +42,9 @@ def tiny_data(tmp_path: Path) -> Path:
 
 
 def mpirun() -> str:
-    exe = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
-    return exe
+    """The mpirun beside this Python (the venv's, matching mpi4py's MPI), else the one on PATH."""
+    here = Path(sys.executable).parent / "mpirun"
+    return str(here) if here.exists() else (shutil.which("mpirun") or "mpirun")
 
 
 def run_train(
