@@ -31,11 +31,16 @@ from distcnn.comm import Comm
 from distcnn.errors import UsageError
 from distcnn.model import REFERENCE_SPEC, Model
 from distcnn.optim import SGD, learning_rate
+from distcnn.progress import Progress, fmt_metric, hms, profile_table
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
 
 EXTRA = 3  # slots after the gradient in the reduce buffer: loss sum, correct, stop flag
 DET_SHARDS = 8  # --deterministic: micro-shards per global batch (a multiple of 4)
-PHASES = ("data", "compute", "comm", "optimizer", "checkpoint", "eval")
+# Phases of the run timed on rank 0 (every rank times its own; rank 0's go to the log and to
+# --profile). "data" is building this rank's batch (and, with --deterministic, adding the
+# micro-shard sums); "comm" the step's collective, waiting for slower ranks included.
+PHASES = ("data", "forward", "backward", "comm", "optimizer", "checkpoint", "eval")
+STEP_PHASES = PHASES[:-1]  # eval happens between steps
 
 
 @dataclass
@@ -278,29 +283,38 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def step(self, batch: np.ndarray) -> tuple[float, float, bool]:
-        """One optimizer step on the global batch (indices into train). Returns the global mean
-        loss, accuracy, and whether any rank asked to stop."""
-        cfg, comm, red, P = self.cfg, self.comm, self.red, self.n_params
+    def step(self, batch: np.ndarray) -> tuple[float, float, bool, bool]:
+        """One optimizer step on the global batch (indices into train).
+
+        Returns (global mean loss, accuracy, stop: a rank got a preemption signal, finite).
+        finite is False when the summed loss or gradient holds a NaN or Inf: a non-finite value
+        on any rank poisons the sum every rank receives, so every rank sees it, skips the update
+        (parameters and velocity unchanged) and returns False — the same decision everywhere
+        without an extra collective.
+        """
+        cfg, comm, red, P, model = self.cfg, self.comm, self.red, self.n_params, self.model
         n = len(batch)
         t = time.perf_counter()
+        fwd0, bwd0, comm0 = model.seconds["forward"], model.seconds["backward"], comm.comm_seconds
+        red[P + 2] = 1.0 if self.preempt.requested else 0.0
         if cfg["deterministic"]:
             self._deterministic_grads(batch)
-            t = self.phases.add("compute", t)
         else:
             lo, hi = shard_bounds(n, comm.size, comm.rank)
             x = self.train.batch(batch[lo:hi], out=self.xbuf)
             labels = self.train.labels[batch[lo:hi]]
-            t = self.phases.add("data", t)
-            loss, correct = self.model.loss_and_grad(x, labels, scale=1.0 / n)
+            loss, correct = model.loss_and_grad(x, labels, scale=1.0 / n)
             red[P], red[P + 1] = loss, correct
-            t = self.phases.add("compute", t)
-        red[P + 2] = 1.0 if self.preempt.requested else 0.0
-        if self.fault and self.fault == (self.state.step + 1, "nan"):
-            red[0] = np.nan
-        if not cfg["deterministic"]:
+            self._maybe_inject_nan(red)
             comm.allreduce_sum(red, f"gradient allreduce, step {self.state.step + 1}")  # MPI
-        t = self.phases.add("comm", t)
+        now = time.perf_counter()
+        sec = self.phases.seconds
+        fwd, bwd = model.seconds["forward"] - fwd0, model.seconds["backward"] - bwd0
+        sec["forward"] += fwd
+        sec["backward"] += bwd
+        sec["comm"] += comm.comm_seconds - comm0
+        sec["data"] += (now - t) - fwd - bwd - (comm.comm_seconds - comm0)
+        t = now
         grads = red[:P]
         finite = bool(np.isfinite(red[: P + 2].sum()))
         if finite:
@@ -317,7 +331,12 @@ class Trainer:
             )
             self.opt.step(grads, lr)
         self.phases.add("optimizer", t)
-        return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0) or not finite
+        return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0), finite
+
+    def _maybe_inject_nan(self, buf: np.ndarray) -> None:
+        """DISTCNN_FAULT=<rank>:<step>:nan: this rank's gradient turns NaN before the collective."""
+        if self.fault == (self.state.step + 1, "nan"):
+            buf[0] = np.nan
 
     def _deterministic_grads(self, batch: np.ndarray) -> None:
         """Gradient sums of DET_SHARDS fixed micro-shards, added as a fixed binary tree.
@@ -346,6 +365,8 @@ class Trainer:
                 buf, level = left, level + 1
             stack.append((level, buf))
         ((_, mine),) = stack
+        mine[P + 2] = self.red[P + 2]  # this rank's stop flag
+        self._maybe_inject_nan(mine)
         comm.allgather(mine, self.gathered, f"deterministic allgather, step {self.state.step + 1}")
         parts = list(self.gathered)
         while len(parts) > 1:
@@ -391,6 +412,15 @@ class Trainer:
             raise RuntimeError(err + "; the previous checkpoint is intact")
 
     def run(self) -> int:
+        """Train to the step limit; the exit code (0 done or preempted, 1 too many bad steps)."""
+        if self.cfg["profile"]:
+            self.model.profile_layers()
+        code = self._train()
+        if self.cfg["profile"]:
+            self.console.print(self.profile_report())
+        return code
+
+    def _train(self) -> int:
         cfg, comm, st, con = self.cfg, self.comm, self.state, self.console
         self.preempt.install()
         n_train = len(self.train)
@@ -402,36 +432,51 @@ class Trainer:
         if st.step >= self.total_steps:
             con.print(f"already at step {st.step} of {self.total_steps}: nothing to do")
             return 0
+        self.first_step = st.step
         order = epoch_order(cfg["seed"], st.epoch, n_train)
+        prog = self.progress = Progress(con.on, self.total_steps, st.step, not cfg["no_progress"])
         t_log, imgs_since, t_epoch, imgs_epoch = time.perf_counter(), 0, time.perf_counter(), 0
         loss_sum = acc_sum = 0.0
-        n_since = 0
+        n_since = 0  # finite steps since the last record
+        epoch_sums = np.zeros(3)  # this epoch's loss * images, correct, images (finite steps)
+        mark_step, mark_phases = st.step, dict(self.phases.seconds)
+        bad_in_row = 0
         stop = False
         while st.step < self.total_steps and not stop:
             batch = order[st.offset : st.offset + cfg["batch_size"]]
             if self.fault and self.fault[0] == st.step + 1 and self.fault[1] != "nan":
                 inject_fault(self.fault[1], st.step + 1, comm.rank)
-            loss, acc, stop = self.step(batch)
-            if not math.isfinite(loss):
-                raise RuntimeError(f"non-finite loss at step {st.step + 1}")
+            loss, acc, stop, finite = self.step(batch)
+            # A skipped step still counts (the step counter, the data position and the schedule
+            # move on), so a bad batch is not retried forever and resuming stays exact.
             st.step += 1
             st.offset += len(batch)
             imgs_since += len(batch)
             imgs_epoch += len(batch)
-            loss_sum += loss
-            acc_sum += acc
-            n_since += 1
+            if finite:
+                bad_in_row = 0
+                loss_sum += loss
+                acc_sum += acc
+                n_since += 1
+                epoch_sums += (loss * len(batch), acc * len(batch), len(batch))
+            else:
+                bad_in_row += 1
+                if self._non_finite_step(bad_in_row):
+                    prog.close()
+                    return 1
             end_of_epoch = st.offset >= n_train
             last = st.step >= self.total_steps or stop
+            rec = None
             if st.step % cfg["log_every"] == 0 or last:
                 now = time.perf_counter()
+                steps = st.step - mark_step
                 rec = {
                     "kind": "step",
                     "time": time.time(),
                     "step": st.step,
                     "epoch": st.epoch + st.offset / n_train,
-                    "loss": loss_sum / n_since,
-                    "accuracy": acc_sum / n_since,
+                    "loss": loss_sum / n_since if n_since else None,
+                    "accuracy": acc_sum / n_since if n_since else None,
                     "lr": learning_rate(
                         cfg["lr_schedule"],
                         cfg["lr"],
@@ -440,33 +485,35 @@ class Trainer:
                         int(cfg["warmup_epochs"] * self.steps_per_epoch),
                     ),
                     "images_per_sec": imgs_since / max(1e-9, now - t_log),
+                    # mean seconds per step in each phase since the previous record (rank 0)
+                    "phase_seconds": {
+                        k: (self.phases.seconds[k] - mark_phases[k]) / steps for k in STEP_PHASES
+                    },
                 }
+                if n_since < steps:
+                    rec["skipped_steps"] = steps - n_since
                 con.record(rec)
-                if not cfg["no_progress"]:
-                    con.print(
-                        f"step {st.step:>6}/{self.total_steps}  epoch {rec['epoch']:.2f}  "
-                        f"loss {rec['loss']:.4f}  acc {rec['accuracy']:.4f}  lr {rec['lr']:.4g}  "
-                        f"{rec['images_per_sec']:.0f} img/s"
-                    )
                 t_log, imgs_since, loss_sum, acc_sum, n_since = now, 0, 0.0, 0.0, 0
+                mark_step, mark_phases = st.step, dict(self.phases.seconds)
+            prog.update(st.step, rec)
             if end_of_epoch:
                 st.epoch += 1
                 st.offset = 0
-                self._end_of_epoch(imgs_epoch, time.perf_counter() - t_epoch)
+                self._end_of_epoch(imgs_epoch, time.perf_counter() - t_epoch, epoch_sums)
                 t_epoch, imgs_epoch = time.perf_counter(), 0
+                epoch_sums[:] = 0
                 order = epoch_order(cfg["seed"], st.epoch, n_train)
             if st.step % cfg["checkpoint_every"] == 0 and not last:
                 self._replica_check()
                 self.save()
+        prog.close()
         self._replica_check()
         self.save()
         if stop and self.preempt.requested or stop:
             con.print(f"stopped at step {st.step} on a signal; checkpoint saved, exiting 0")
             return 0
         if self.test is not None:
-            t = time.perf_counter()
-            m = evaluate_split(self.model, self.test, comm, cfg["eval_batch_size"])
-            self.phases.add("eval", t)
+            m = self._evaluate(self.test)
             con.print(
                 f"test: loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f} ({m['samples']} images)"
             )
@@ -482,27 +529,79 @@ class Trainer:
             )
         return 0
 
-    def _end_of_epoch(self, images: int, seconds: float) -> None:
-        cfg, st = self.cfg, self.state
-        line = f"epoch {st.epoch}/{cfg['epochs']}  {images / max(seconds, 1e-9):.0f} img/s"
+    def _non_finite_step(self, in_row: int) -> bool:
+        """Report a skipped step (rank 0); True when --max-bad-steps in a row ends the run.
+
+        Every rank reaches the same verdict from the same reduced values, so all return the
+        same exit code with no collective; the newest checkpoint is left as it is (checkpoints
+        never hold non-finite values: checkpoint.save refuses them)."""
+        step, limit = self.state.step, self.cfg["max_bad_steps"]
+        if in_row < limit:
+            self.progress.warn(
+                f"warning: step {step}: non-finite loss or gradient on some rank; update skipped "
+                f"(parameters and momentum unchanged), {in_row} in a row of --max-bad-steps {limit}"
+            )
+            return False
+        first = step - in_row + 1
+        steps = f"steps {first} to {step}" if in_row > 1 else f"step {step}"
+        self.progress.warn(
+            f"error: non-finite loss or gradient at {steps} ({in_row} in a row, --max-bad-steps "
+            f"{limit}); stopped at step {step} without saving. Lower --lr, set --clip-norm or "
+            "check the data; checkpoints (if any) hold only finite values"
+        )
+        return True
+
+    def _evaluate(self, split: datamod.Split) -> dict[str, Any]:
+        """evaluate_split, timed as "eval" and kept out of the per-layer profile."""
+        t = time.perf_counter()
+        timers, self.model.layer_seconds = self.model.layer_seconds, None
+        m = evaluate_split(self.model, split, self.comm, self.cfg["eval_batch_size"])
+        self.model.layer_seconds = timers
+        self.phases.add("eval", t)
+        return m
+
+    def _end_of_epoch(self, images: int, seconds: float, sums: np.ndarray) -> None:
+        """The epoch's one summary line and epoch record; validation and best.h5 if there is a
+        validation split. sums: (loss * images, correct, images) over the epoch's finite steps
+        (of this session, when it resumed mid-epoch)."""
+        cfg, st, prog = self.cfg, self.state, self.progress
+        n = sums[2]
         rec: dict[str, Any] = {
             "kind": "epoch",
             "time": time.time(),
             "step": st.step,
             "epoch": st.epoch,
+            "loss": sums[0] / n if n else None,
+            "accuracy": sums[1] / n if n else None,
             "images_per_sec": images / max(seconds, 1e-9),
         }
+        line = f"epoch {st.epoch}/{cfg['epochs']}  step {st.step}/{self.total_steps}  "
+        line += f"train loss {fmt_metric(rec['loss'])} acc {fmt_metric(rec['accuracy'])}  "
         if self.val is not None:
-            t = time.perf_counter()
-            m = evaluate_split(self.model, self.val, self.comm, cfg["eval_batch_size"])
-            self.phases.add("eval", t)
+            m = self._evaluate(self.val)
             rec.update(val_loss=m["loss"], val_accuracy=m["accuracy"])
-            line += f"  val loss {m['loss']:.4f}  val acc {m['accuracy']:.4f}"
+            line += f"val loss {m['loss']:.4f} acc {m['accuracy']:.4f}  "
             if m["accuracy"] > st.best_val:
                 st.best_val = m["accuracy"]
                 self.save(best=True)
+                line += "(best) "
+        rec.update(elapsed=prog.elapsed(), eta=prog.eta(st.step))
         self.console.record(rec)
-        self.console.print(line)
+        prog.line(
+            line + f"{rec['images_per_sec']:.0f} img/s  elapsed {hms(rec['elapsed'])}  "
+            f"eta {hms(rec['eta'])}"
+        )
+
+    def profile_report(self) -> str:
+        """The --profile table of this rank's phases and per-layer times."""
+        layers = []
+        if self.model.layer_seconds is not None:
+            for i, (layer, (f, b)) in enumerate(
+                zip(self.model.layers, self.model.layer_seconds, strict=True)
+            ):
+                layers.append((f"{i + 1:>2} {layer.name or layer.describe()}", float(f), float(b)))
+        steps = self.state.step - getattr(self, "first_step", self.state.step)
+        return profile_table(self.phases.seconds, steps, layers)
 
     def _replica_check(self) -> None:
         bad = self.comm.check_replicas(self.model.params)  # MPI
