@@ -17,16 +17,11 @@ import json
 import sys
 from typing import Any
 
-from distcnn.errors import UsageError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UsageError(f"{message} (see --help)")
+from distcnn.errors import ArgumentParser, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m distcnn.evaluate",
         description="Loss, accuracy, per-class accuracy and confusion matrix of a checkpoint.",
     )

@@ -10,14 +10,13 @@ dataset's root attributes when it has them.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from distcnn.errors import UsageError
+from distcnn.errors import ArgumentParser, UsageError
 from distcnn.layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU
 from distcnn.model import Model
 
@@ -87,16 +86,11 @@ def torch_code(model: Model, npz: str) -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UsageError(f"{message} (see --help)")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Export a checkpoint's parameters; 0 on success, 2 on bad input."""
     from distcnn import restore
 
-    p = _Parser(prog="python -m distcnn.export", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m distcnn.export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a distcnn .h5 checkpoint")
     p.add_argument("-o", "--output", metavar="OUT.npz", help="default: CHECKPOINT with .npz")
     p.add_argument("--torch", action="store_true", help="print the torch.nn.Sequential code")

@@ -7,13 +7,12 @@ Also the confusion-matrix picture of `python -m distcnn.evaluate --plot`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from distcnn.errors import UsageError
+from distcnn.errors import ArgumentParser, UsageError
 
 INSTALL_HINT = "pip install 'distcnn[plot]'"
 
@@ -129,11 +128,6 @@ def confusion_png(confusion: Any, out: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UsageError(f"{message} (see --help)")
-
-
 def _size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
@@ -148,7 +142,9 @@ def _size(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Plot a metrics log; 0 on success, 2 on bad input or missing matplotlib."""
-    p = _Parser(prog="python -m distcnn.plot", description="Training curves from a --log file.")
+    p = ArgumentParser(
+        prog="python -m distcnn.plot", description="Training curves from a --log file."
+    )
     p.add_argument("log", metavar="RUN.jsonl", help="the JSON Lines file written by --log")
     p.add_argument("-o", "--output", default="curves.png", metavar="PNG", help="output PNG")
     p.add_argument("--size", default="1200x900", help="WIDTHxHEIGHT in pixels (1200x900)")

@@ -23,7 +23,7 @@ import numpy as np
 
 from distcnn import data as datamod
 from distcnn import restore
-from distcnn.errors import UsageError
+from distcnn.errors import ArgumentParser, UsageError
 from distcnn.model import Model
 
 
@@ -35,13 +35,8 @@ class Inputs:
     source: str
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UsageError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m distcnn.predict",
         description="Top-k classes with probabilities for images, a .npz or a dataset split.",
     )

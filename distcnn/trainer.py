@@ -415,9 +415,10 @@ class Trainer:
         """Train to the step limit; the exit code (0 done or preempted, 1 too many bad steps)."""
         if self.cfg["profile"]:
             self.model.profile_layers()
+        first_step = self.state.step
         code = self._train()
         if self.cfg["profile"]:
-            self.console.print(self.profile_report())
+            self.console.print(self.profile_report(self.state.step - first_step))
         return code
 
     def _train(self) -> int:
@@ -432,7 +433,6 @@ class Trainer:
         if st.step >= self.total_steps:
             con.print(f"already at step {st.step} of {self.total_steps}: nothing to do")
             return 0
-        self.first_step = st.step
         order = epoch_order(cfg["seed"], st.epoch, n_train)
         prog = self.progress = Progress(con.on, self.total_steps, st.step, not cfg["no_progress"])
         t_log, imgs_since, t_epoch, imgs_epoch = time.perf_counter(), 0, time.perf_counter(), 0
@@ -592,15 +592,14 @@ class Trainer:
             f"eta {hms(rec['eta'])}"
         )
 
-    def profile_report(self) -> str:
-        """The --profile table of this rank's phases and per-layer times."""
+    def profile_report(self, steps: int) -> str:
+        """The --profile table of this rank's phases and per-layer times over `steps` steps."""
         layers = []
         if self.model.layer_seconds is not None:
             for i, (layer, (f, b)) in enumerate(
                 zip(self.model.layers, self.model.layer_seconds, strict=True)
             ):
                 layers.append((f"{i + 1:>2} {layer.name or layer.describe()}", float(f), float(b)))
-        steps = self.state.step - getattr(self, "first_step", self.state.step)
         return profile_table(self.phases.seconds, steps, layers)
 
     def _replica_check(self) -> None:
