@@ -233,6 +233,13 @@ def test_plot_writes_png_of_the_requested_size(tiny_data, tmp_path, capsys):
     assert plot.main([str(log), "-o", str(out), "--size", "640x480"]) == 0
     assert png_size(out) == (640, 480)
 
+    from distcnn import evaluate
+
+    conf = tmp_path / "confusion.png"
+    assert evaluate.main([str(tmp_path / "ck" / "ckpt-00000009.h5"), "--plot", str(conf)]) == 0
+    assert "confusion matrix" in capsys.readouterr().out
+    assert png_size(conf)[0] > 100
+
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, capsys):
     from distcnn import plot
@@ -323,6 +330,8 @@ def test_metrics_log_records_and_resume_appends_without_duplicates(tiny_data, tm
     epochs = [r for r in recs if r["kind"] == "epoch"]
     assert [r["step"] for r in epochs] == [3, 6, 9]
     assert all({"loss", "accuracy", "val_loss", "val_accuracy", "eta"} <= set(r) for r in epochs)
+    best = max(epochs, key=lambda r: r["val_accuracy"])  # the first of equal maxima
+    assert ckpt.load(tmp_path / "ck" / "best.h5").step == best["step"]
 
     resume = ["--resume", str(tmp_path / "ck" / "ckpt-00000003.h5")]
     assert train_in_process(tiny_data, tmp_path, [*common, *resume], capsys)[0] == 0
