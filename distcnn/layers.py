@@ -164,6 +164,7 @@ class Conv2d(Layer):
         self._grid_n = -1  # batch size the grid buffers are laid out for
         self._xin: np.ndarray | None = None  # the interior view handed out by input_buffer
         self._dyin: np.ndarray | None = None  # the view handed out by grad_output_buffer
+        self.even_width = False  # Wg rounded up to even, so a 2x2 pool can pair whole grid rows
 
     def param_shapes(self) -> dict[str, Shape]:
         c = self.in_shape[0]
@@ -193,7 +194,27 @@ class Conv2d(Layer):
         _, h, w = self.in_shape
         kh, kw = self.kernel
         wg = w + self.pad[1]
+        if self.even_width:
+            wg += wg % 2  # one more zero column: still a valid shared border
         return h + self.pad[0], wg, (kh - 1) * wg + kw - 1
+
+    def grids(self) -> dict[str, np.ndarray | int]:
+        """The grid path's flat buffers for the last forward's batch, for fused neighbours:
+        x (C, N*Hg*Wg + slack) input, y (F, N*Hg*Wg) output, dy (F, N*Hg*Wg) output gradient,
+        dx (C, N*Hg*Wg + slack) input gradient, and n, hg, wg."""
+        n = self._grid_n
+        c, f = self.in_shape[0], self.filters
+        hg, wg, slack = self._grid_dims()
+        size = n * hg * wg
+        return {
+            "x": self.ws.get("xg", (c, size + slack)),
+            "y": self.ws.get("out", (f, size)),
+            "dy": self.ws.get("dyg", (f, size)),
+            "dx": self.ws.get("dxg", (c, size + slack)),
+            "n": n,
+            "hg": hg,
+            "wg": wg,
+        }
 
     def _layout(self, n: int) -> None:
         """Lay the grid buffers out for batch n; borders and ignored positions become zero."""
@@ -213,8 +234,9 @@ class Conv2d(Layer):
         """(N, C, H, W) view of the image pixels inside a (C, N*Hg*Wg + ...) input grid."""
         hg, wg, _ = self._grid_dims()
         ph, pw = self.pad
+        _, h, w = self.in_shape
         g = flat[:, : n * hg * wg].reshape(flat.shape[0], n, hg, wg)
-        return g[:, :, ph:, pw:].transpose(1, 0, 2, 3)
+        return g[:, :, ph : ph + h, pw : pw + w].transpose(1, 0, 2, 3)
 
     def _outputs(self, flat: np.ndarray, n: int) -> np.ndarray:
         """(N, F, OH, OW) view of the computed positions of a (F, N*Hg*Wg) output grid."""
@@ -276,10 +298,10 @@ class Conv2d(Layer):
         if dy is not self._dyin:
             self._outputs(dyg, n)[...] = dy
         cols = self.ws.get("cols", (k + 1, size))
-        gwb = self.ws.get("gwb", (f, k + 1))  # (F, C*KH*KW + 1): [dL/dweight | dL/dbias]
-        np.matmul(dyg, cols.T, out=gwb)
-        self.g["weight"].reshape(f, k)[...] = gwb[:, :k]
-        self.g["bias"][...] = gwb[:, k]
+        gwb = self.ws.get("gwb", (k + 1, f))  # (C*KH*KW + 1, F): [dL/dweight^T ; dL/dbias]
+        np.matmul(cols, dyg.T, out=gwb)  # this orientation packs faster than dyg @ cols.T
+        self.g["weight"].reshape(f, k)[...] = gwb[:k].T
+        self.g["bias"][...] = gwb[k]
         if not need_dx:
             return None
         dcols = self.ws.get("dcols", (k, size))  # (C*KH*KW, N*Hg*Wg)
@@ -378,16 +400,33 @@ class ReLU(Layer):
         super().__init__(in_shape, dtype)
         self.inplace = False
         self._y: np.ndarray | None = None
+        self._span: np.ndarray | None = None
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, span: np.ndarray | None = None) -> np.ndarray:
+        """span (in place only): a contiguous array holding x whose other elements may be
+        rectified too (a conv's zero-bordered input grid); one long pass instead of a strided one.
+        """
+        self._span = span if self.inplace else None
+        if self._span is not None:
+            np.maximum(span, 0, out=span)
+            self._y = x
+            return x
         y = x if self.inplace else self.ws.like("y", x)
         np.maximum(x, 0, out=y)
         self._y = y
         return y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+    def backward(
+        self, dy: np.ndarray, need_dx: bool = True, span: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """span: with a forward span, the array holding dy laid out like that span."""
         if not need_dx:
             return None
+        if span is not None and self._span is not None:
+            mask = self.ws.get("mask", self._span.shape, np.bool_)
+            np.greater(self._span, 0, out=mask)
+            np.multiply(span, mask, out=span)
+            return dy
         mask = self.ws.like("mask", dy, np.bool_)
         np.greater(self._y, 0, out=mask)
         dx = dy if self.inplace else self.ws.like("dx", dy)
@@ -453,6 +492,7 @@ class MaxPool2d(_Pool2d):
     ) -> None:
         super().__init__(in_shape, kernel, stride, dtype)
         self.pairwise = self.kernel == (2, 2) and self.stride == (2, 2)
+        self._glayout: tuple[int, int, int] = (0, 0, 0)  # (n, hg, wg) of forward_grid's buffers
 
     def _cm(self, name: str, shape: Shape, dtype: np.dtype | None = None) -> np.ndarray:
         """Channel-major workspace (C, N, ...) seen as (N, C, ...)."""
@@ -518,6 +558,49 @@ class MaxPool2d(_Pool2d):
         if dx.shape[3] > 2 * ow:
             dx[:, :, :, 2 * ow :] = 0
         return dx
+
+    def output_buffer(self, n: int) -> np.ndarray:
+        """The layer's own (N, C, OH, OW) channel-major output buffer."""
+        return self._cm("y", (n, *self.out_shape))
+
+    def forward_grid(self, grid: np.ndarray, n: int, hg: int, wg: int, out: np.ndarray) -> None:
+        """Pairwise pooling straight from a conv output grid (C, N*Hg*Wg), Wg even, image pixel
+        (n, a, b) at (n*Hg + a)*Wg + b: the horizontal pairs of the whole grid are one long
+        stride-2 pass. Writes y into out (N, C, OH, OW)."""
+        c, oh, ow = self.out_shape
+        half = grid.shape[1] // 2
+        h = self.ws.get("gh", (c, half))  # (C, N*Hg*Wg/2)
+        right_wins = self.ws.get("gright", (c, half), np.bool_)
+        left, right = grid[:, 0::2], grid[:, 1::2]
+        np.greater(right, left, out=right_wins)
+        np.maximum(left, right, out=h)
+        h4 = h.reshape(c, n, hg, wg // 2)
+        top, bottom = h4[:, :, 0 : 2 * oh : 2, :ow], h4[:, :, 1 : 2 * oh : 2, :ow]
+        low_wins = self.ws.get("glow", (c, n, oh, ow), np.bool_)
+        np.greater(bottom, top, out=low_wins)
+        np.maximum(top, bottom, out=out.transpose(1, 0, 2, 3))
+        if self._glayout != (n, hg, wg):  # dL/dh is zero wherever no window reads h
+            self.ws.get("gdh", (c, half))[...] = 0
+            self._glayout = (n, hg, wg)
+
+    def backward_grid(self, dy: np.ndarray, dgrid: np.ndarray) -> None:
+        """Gradient of forward_grid into the conv's output-gradient grid dgrid (C, N*Hg*Wg);
+        positions in no window get zero."""
+        c, oh, ow = self.out_shape
+        n, hg, wg = self._glayout
+        half = dgrid.shape[1] // 2
+        right_wins = self.ws.get("gright", (c, half), np.bool_)
+        low_wins = self.ws.get("glow", (c, n, oh, ow), np.bool_)
+        other = self.ws.get("gother", (c, half), np.bool_)
+        dh = self.ws.get("gdh", (c, half))
+        dh4 = dh.reshape(c, n, hg, wg // 2)
+        d = dy.transpose(1, 0, 2, 3)  # (C, N, OH, OW)
+        high_wins = np.logical_not(low_wins, out=self.ws.get("ghigh", low_wins.shape, np.bool_))
+        np.multiply(d, low_wins, out=dh4[:, :, 1 : 2 * oh : 2, :ow])
+        np.multiply(d, high_wins, out=dh4[:, :, 0 : 2 * oh : 2, :ow])
+        left_wins = np.logical_not(right_wins, out=other)
+        np.multiply(dh, right_wins, out=dgrid[:, 1::2])
+        np.multiply(dh, left_wins, out=dgrid[:, 0::2])
 
     def _window_forward(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]

@@ -232,8 +232,11 @@ class Model:
           (a window whose maximum is <= 0 passes no gradient either way);
         * a relu whose producer is a conv, dense or pooling layer works in place, forward and
           backward (that producer's output and the dy it gets are nobody else's);
-        * a 2x2 max-pool writes its output straight into the next conv's input grid and its dx
-          into the previous conv's gradient grid, saving one copy each way.
+        * a 2x2 max-pool right after a grid conv pools straight from the conv's output grid and
+          writes its dx straight into the conv's gradient grid (the conv pads its grid rows to
+          an even width for that);
+        * a 2x2 max-pool before a grid conv writes its output into that conv's input grid, and
+          the in-place relus between them rectify the whole grid in one contiguous pass.
         """
         plan = list(self.layers)
         for i in range(1, len(plan) - 1):
@@ -245,8 +248,9 @@ class Model:
                     plan[i - 1], (Conv2d, Linear, MaxPool2d, AvgPool2d)
                 )
         self._plan = plan
-        self._feeds: dict[int, Conv2d] = {}  # plan index of a pool -> conv reading its output
-        self._fed_by: dict[int, Conv2d] = {}  # plan index of a pool -> conv getting its dx
+        self._feeds: dict[int, Conv2d] = {}  # pool index -> the conv whose input grid it fills
+        self._on_grid: dict[int, Conv2d] = {}  # pool index -> the conv whose output it pools
+        self._span: dict[int, Conv2d] = {}  # relu index -> the conv whose whole grid it rectifies
         for i, layer in enumerate(plan):
             if not (isinstance(layer, MaxPool2d) and layer.pairwise):
                 continue
@@ -255,16 +259,27 @@ class Model:
                 j += 1
             if j < len(plan) and isinstance(plan[j], Conv2d) and plan[j].grid:
                 self._feeds[i] = plan[j]
-            if i > 0 and isinstance(plan[i - 1], Conv2d) and plan[i - 1].grid:
-                self._fed_by[i] = plan[i - 1]
+                for r in range(i + 1, j):
+                    self._span[r] = plan[j]
+            prev = plan[i - 1] if i > 0 else None
+            if isinstance(prev, Conv2d) and prev.grid:
+                prev.even_width = True
+                self._on_grid[i] = prev
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x (N, C, H, W) -> logits (N, num_classes); a workspace reused by the next call."""
         n = x.shape[0]
         for i, layer in enumerate(self._plan):
-            conv = self._feeds.get(i)
+            feeds, conv = self._feeds.get(i), self._on_grid.get(i)
             if conv is not None:
-                x = layer.forward(x, out=conv.input_buffer(n))
+                g = conv.grids()
+                out = feeds.input_buffer(n) if feeds is not None else layer.output_buffer(n)
+                layer.forward_grid(g["y"], g["n"], g["hg"], g["wg"], out)
+                x = out
+            elif feeds is not None:
+                x = layer.forward(x, out=feeds.input_buffer(n))
+            elif i in self._span:
+                x = layer.forward(x, span=self._span[i].grids()["x"])
             else:
                 x = layer.forward(x)
         self._n = n
@@ -275,9 +290,12 @@ class Model:
         d: np.ndarray | None = dlogits
         for i in range(len(self._plan) - 1, -1, -1):
             layer = self._plan[i]
-            conv = self._fed_by.get(i)
+            conv = self._on_grid.get(i)
             if conv is not None:
-                d = layer.backward(d, need_dx=True, out=conv.grad_output_buffer(self._n))
+                layer.backward_grid(d, conv.grids()["dy"])
+                d = conv.grad_output_buffer(self._n)
+            elif i in self._span:
+                d = layer.backward(d, need_dx=True, span=self._span[i].grids()["dx"])
             else:
                 d = layer.backward(d, need_dx=i > 0)
 
