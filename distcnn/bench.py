@@ -145,7 +145,7 @@ def measure_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
         out["hwm_eval"] = _memory_mib()[0]
     if comm.size > 1:
         ranks = comm.gather_objects(out, "bench results")
-        out = {"ranks": ranks}
+        out = {"ranks": ranks, "rank": comm.rank}
     if comm.rank == 0:
         import threadpoolctl
 
@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {"kind": "distcnn", "threads": args.threads, "batch": args.batch, "px": 28,
                "seconds": 1.0 if args.quick else 2.0}  # fmt: skip
         out = measure_distcnn(cfg)
+        if out.get("rank", 0) != 0:  # only rank 0 prints
+            return 0
         if "ranks" in out:
             _print_mpi(out["ranks"], args.batch)
         elif out:
