@@ -60,6 +60,13 @@ class Workspace:
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self._flat.values())
 
+    def like(self, name: str, a: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+        """A workspace shaped like `a` with the same axis order in memory (largest stride
+        first), so element-wise passes over `a` and it walk both arrays sequentially."""
+        order = sorted(range(a.ndim), key=lambda i: -a.strides[i])
+        buf = self.get(name, tuple(a.shape[i] for i in order), dtype)
+        return buf.transpose(np.argsort(order))
+
 
 class Layer:
     """Base class: shapes, parameter binding and workspaces; subclasses do the maths."""
@@ -103,6 +110,17 @@ class Conv2d(Layer):
     weight (F, C, KH, KW), bias (F,). Padding is zero padding: "same" = (k-1)//2 on each side
     (odd kernels only), "valid" = 0, or an int / (ph, pw) pair.
     Output size: OH = (H + 2*ph - KH) // sh + 1, likewise OW.
+
+    Stride 1 with ph < KH and pw < KW (every "same" or "valid" conv) takes the grid path: the
+    input lives channel-major in a zero-bordered grid, one row of Wg = W + pw values per image
+    row (pw zeros shared as the right border of one row and the left border of the next) and
+    Hg = H + ph rows per image (ph zero rows shared by neighbouring images), flattened to
+    xg (C, N*Hg*Wg + slack). Output position q = (n*Hg + a)*Wg + b then reads input q + i*Wg + j
+    for kernel offset (i, j), so every im2col row is one contiguous slice of xg, col2im is
+    KH*KW contiguous adds, and the GEMM output (F, N*Hg*Wg) is already channel-major: the
+    returned y is a strided (N, F, OH, OW) view of it (positions with a >= OH or b >= OW are
+    computed and ignored). The bias rides in the GEMM as a row of ones. Other convs take the
+    plain im2col path.
     """
 
     kind = "conv"
@@ -142,7 +160,11 @@ class Conv2d(Layer):
         if oh < 1 or ow < 1:
             raise ValueError(f"conv {kh}x{kw} with padding {self.pad} does not fit a {h}x{w} input")
         self.out_shape = (self.filters, oh, ow)
-        self._x: np.ndarray | None = None
+        self.grid = self.stride == (1, 1) and self.pad[0] < kh and self.pad[1] < kw
+        self._grid_n = -1  # batch size the grid buffers are laid out for
+        self._xin: np.ndarray | None = None  # the interior view handed out by input_buffer
+        self._dyin: np.ndarray | None = None  # the view handed out by grad_output_buffer
+        self.even_width = False  # Wg rounded up to even, so a 2x2 pool can pair whole grid rows
 
     def param_shapes(self) -> dict[str, Shape]:
         c = self.in_shape[0]
@@ -156,6 +178,146 @@ class Conv2d(Layer):
     def describe(self) -> str:
         kh, kw = self.kernel
         return f"conv {kh}x{kw}/{self.stride[0]} pad {self.pad[0]}"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self._grid_forward(x) if self.grid else self._im2col_forward(x)
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        if self.grid:
+            return self._grid_backward(dy, need_dx)
+        return self._im2col_backward(dy, need_dx)
+
+    # -- grid path (stride 1) -------------------------------------------------------------------
+
+    def _grid_dims(self) -> tuple[int, int, int]:
+        """(Hg, Wg, slack): grid rows per image, values per grid row, tail after N*Hg*Wg."""
+        _, h, w = self.in_shape
+        kh, kw = self.kernel
+        wg = w + self.pad[1]
+        if self.even_width:
+            wg += wg % 2  # one more zero column: still a valid shared border
+        return h + self.pad[0], wg, (kh - 1) * wg + kw - 1
+
+    def grids(self) -> dict[str, np.ndarray | int]:
+        """The grid path's flat buffers for the last forward's batch, for fused neighbours:
+        x (C, N*Hg*Wg + slack) input, y (F, N*Hg*Wg) output, dy (F, N*Hg*Wg) output gradient,
+        dx (C, N*Hg*Wg + slack) input gradient, and n, hg, wg."""
+        n = self._grid_n
+        c, f = self.in_shape[0], self.filters
+        hg, wg, slack = self._grid_dims()
+        size = n * hg * wg
+        return {
+            "x": self.ws.get("xg", (c, size + slack)),
+            "y": self.ws.get("out", (f, size)),
+            "dy": self.ws.get("dyg", (f, size)),
+            "dx": self.ws.get("dxg", (c, size + slack)),
+            "n": n,
+            "hg": hg,
+            "wg": wg,
+        }
+
+    def _layout(self, n: int) -> None:
+        """Lay the grid buffers out for batch n; borders and ignored positions become zero."""
+        if n == self._grid_n:
+            return
+        c, f = self.in_shape[0], self.filters
+        hg, wg, slack = self._grid_dims()
+        k = c * self.kernel[0] * self.kernel[1]
+        size = n * hg * wg
+        self.ws.get("xg", (c, size + slack))[...] = 0  # (C, N*Hg*Wg + slack)
+        self.ws.get("dyg", (f, size))[...] = 0  # (F, N*Hg*Wg)
+        self.ws.get("cols", (k + 1, size))[k] = 1  # (C*KH*KW + 1, N*Hg*Wg), last row: bias
+        self._grid_n = n
+        self._xin = self._dyin = None
+
+    def _interior(self, flat: np.ndarray, n: int) -> np.ndarray:
+        """(N, C, H, W) view of the image pixels inside a (C, N*Hg*Wg + ...) input grid."""
+        hg, wg, _ = self._grid_dims()
+        ph, pw = self.pad
+        _, h, w = self.in_shape
+        g = flat[:, : n * hg * wg].reshape(flat.shape[0], n, hg, wg)
+        return g[:, :, ph : ph + h, pw : pw + w].transpose(1, 0, 2, 3)
+
+    def _outputs(self, flat: np.ndarray, n: int) -> np.ndarray:
+        """(N, F, OH, OW) view of the computed positions of a (F, N*Hg*Wg) output grid."""
+        hg, wg, _ = self._grid_dims()
+        _, oh, ow = self.out_shape
+        return flat.reshape(flat.shape[0], n, hg, wg)[:, :, :oh, :ow].transpose(1, 0, 2, 3)
+
+    def input_buffer(self, n: int) -> np.ndarray | None:
+        """A writable (N, C, H, W) view that forward() reads without copying when it is handed
+        back as x (a producer writes its output straight into the grid); None off the grid path."""
+        if not self.grid:
+            return None
+        self._layout(n)
+        c = self.in_shape[0]
+        hg, wg, slack = self._grid_dims()
+        self._xin = self._interior(self.ws.get("xg", (c, n * hg * wg + slack)), n)
+        return self._xin
+
+    def grad_output_buffer(self, n: int) -> np.ndarray | None:
+        """Like input_buffer, for the dy that backward() takes (valid after forward of batch n)."""
+        if not self.grid or n != self._grid_n:
+            return None
+        hg, wg, _ = self._grid_dims()
+        self._dyin = self._outputs(self.ws.get("dyg", (self.filters, n * hg * wg)), n)
+        return self._dyin
+
+    def _grid_forward(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        c, kh, kw = self.in_shape[0], *self.kernel
+        f = self.filters
+        hg, wg, slack = self._grid_dims()
+        k, size = c * kh * kw, n * hg * wg
+        if x is not self._xin or n != self._grid_n:
+            self._layout(n)
+            xg = self.ws.get("xg", (c, size + slack))  # (C, N*Hg*Wg + slack)
+            self._interior(xg, n)[...] = x
+        else:
+            xg = self.ws.get("xg", (c, size + slack))
+        cols = self.ws.get("cols", (k + 1, size))  # (C*KH*KW + 1, N*Hg*Wg); last row ones
+        c4 = cols[:k].reshape(c, kh, kw, size)
+        for i in range(kh):
+            for j in range(kw):
+                off = i * wg + j
+                c4[:, i, j] = xg[:, off : off + size]
+        wb = self.ws.get("wb", (f, k + 1))  # (F, C*KH*KW + 1): [weight | bias]
+        wb[:, :k] = self.p["weight"].reshape(f, k)
+        wb[:, k] = self.p["bias"]
+        out = self.ws.get("out", (f, size))  # (F, N*Hg*Wg)
+        np.matmul(wb, cols, out=out)
+        return self._outputs(out, n)
+
+    def _grid_backward(self, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
+        n = self._grid_n
+        c, kh, kw = self.in_shape[0], *self.kernel
+        f = self.filters
+        hg, wg, slack = self._grid_dims()
+        k, size = c * kh * kw, n * hg * wg
+        dyg = self.ws.get("dyg", (f, size))  # (F, N*Hg*Wg), zero where no output is computed
+        if dy is not self._dyin:
+            self._outputs(dyg, n)[...] = dy
+        cols = self.ws.get("cols", (k + 1, size))
+        gwb = self.ws.get("gwb", (k + 1, f))  # (C*KH*KW + 1, F): [dL/dweight^T ; dL/dbias]
+        np.matmul(cols, dyg.T, out=gwb)  # this orientation packs faster than dyg @ cols.T
+        self.g["weight"].reshape(f, k)[...] = gwb[:k].T
+        self.g["bias"][...] = gwb[k]
+        if not need_dx:
+            return None
+        dcols = self.ws.get("dcols", (k, size))  # (C*KH*KW, N*Hg*Wg)
+        np.matmul(self.p["weight"].reshape(f, k).T, dyg, out=dcols)
+        d4 = dcols.reshape(c, kh, kw, size)
+        dxg = self.ws.get("dxg", (c, size + slack))  # (C, N*Hg*Wg + slack)
+        dxg[:, :size] = d4[:, 0, 0]  # col2im: offset (0, 0) assigns, the others add
+        dxg[:, size:] = 0
+        for i in range(kh):
+            for j in range(kw):
+                if i or j:
+                    off = i * wg + j
+                    dxg[:, off : off + size] += d4[:, i, j]
+        return self._interior(dxg, n)
+
+    # -- plain im2col path (any stride and padding) --------------------------------------------
 
     def _padded(self, x: np.ndarray) -> np.ndarray:
         """x (N, C, H, W) -> xpad (N, C, H+2ph, W+2pw); the border stays zero across calls."""
@@ -180,7 +342,7 @@ class Conv2d(Layer):
             writeable=False,
         )
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def _im2col_forward(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
         c, kh, kw = self.in_shape[0], *self.kernel
         f, oh, ow = self.out_shape
@@ -197,7 +359,7 @@ class Conv2d(Layer):
         self._n = n
         return y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+    def _im2col_backward(self, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
         n = self._n
         c, h, w = self.in_shape
         kh, kw = self.kernel
@@ -225,22 +387,50 @@ class Conv2d(Layer):
 
 
 class ReLU(Layer):
-    """y = max(x, 0); dx = dy where x > 0, else 0."""
+    """y = max(x, 0); dx = dy where x > 0, else 0 (also at x == 0, as in PyTorch).
+
+    With `inplace` (set by the Model where the producer's output is not needed again, and the
+    dy it gets is another layer's workspace) forward overwrites x and backward overwrites dy.
+    The mask is recomputed from y in backward: y > 0 exactly where x > 0.
+    """
 
     kind = "relu"
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        y = self.ws.get("y", x.shape)
+    def __init__(self, in_shape: Shape, dtype: np.dtype = np.float32) -> None:
+        super().__init__(in_shape, dtype)
+        self.inplace = False
+        self._y: np.ndarray | None = None
+        self._span: np.ndarray | None = None
+
+    def forward(self, x: np.ndarray, span: np.ndarray | None = None) -> np.ndarray:
+        """span (in place only): a contiguous array holding x whose other elements may be
+        rectified too (a conv's zero-bordered input grid); one long pass instead of a strided one.
+        """
+        self._span = span if self.inplace else None
+        if self._span is not None:
+            np.maximum(span, 0, out=span)
+            self._y = x
+            return x
+        y = x if self.inplace else self.ws.like("y", x)
         np.maximum(x, 0, out=y)
-        self._mask = self.ws.get("mask", x.shape, np.bool_)
-        np.greater(x, 0, out=self._mask)
+        self._y = y
         return y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+    def backward(
+        self, dy: np.ndarray, need_dx: bool = True, span: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """span: with a forward span, the array holding dy laid out like that span."""
         if not need_dx:
             return None
-        dx = self.ws.get("dx", dy.shape)
-        np.multiply(dy, self._mask, out=dx)
+        if span is not None and self._span is not None:
+            mask = self.ws.get("mask", self._span.shape, np.bool_)
+            np.greater(self._span, 0, out=mask)
+            np.multiply(span, mask, out=span)
+            return dy
+        mask = self.ws.like("mask", dy, np.bool_)
+        np.greater(self._y, 0, out=mask)
+        dx = dy if self.inplace else self.ws.like("dx", dy)
+        np.multiply(dy, mask, out=dx)
         return dx
 
 
@@ -280,11 +470,139 @@ class _Pool2d(Layer):
 
 class MaxPool2d(_Pool2d):
     """y = max over each window; the gradient goes to exactly one input per window, the first
-    maximum in row-major window order (so ties never double-count)."""
+    maximum in row-major window order (so ties never double-count).
+
+    2x2 windows with stride 2 (the common case) take a pairwise path: h = the larger of each
+    horizontal pair (the right one only if strictly larger), then y = the larger of each
+    vertical pair of h (the lower only if strictly larger) - which is exactly the first maximum
+    in row-major order - keeping the two choices as boolean masks for backward. Its buffers are
+    channel-major (C, N, ...) like the convolution grids; forward and backward accept `out`, a
+    writable view to fill instead of the layer's own buffer (the Model passes a convolution's
+    grid). Other windows compare one window offset at a time and keep a compact argmax.
+    """
 
     kind = "maxpool"
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def __init__(
+        self,
+        in_shape: Shape,
+        kernel: int | tuple[int, int] = 2,
+        stride: int | tuple[int, int] | None = None,
+        dtype: np.dtype = np.float32,
+    ) -> None:
+        super().__init__(in_shape, kernel, stride, dtype)
+        self.pairwise = self.kernel == (2, 2) and self.stride == (2, 2)
+        self._glayout: tuple[int, int, int] = (0, 0, 0)  # (n, hg, wg) of forward_grid's buffers
+
+    def _cm(self, name: str, shape: Shape, dtype: np.dtype | None = None) -> np.ndarray:
+        """Channel-major workspace (C, N, ...) seen as (N, C, ...)."""
+        n, c = shape[:2]
+        return self.ws.get(name, (c, n, *shape[2:]), dtype).swapaxes(0, 1)
+
+    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if self.pairwise:
+            return self._pairwise_forward(x, out)
+        y = self._window_forward(x)
+        if out is not None:
+            out[...] = y
+            return out
+        return y
+
+    def backward(
+        self, dy: np.ndarray, need_dx: bool = True, out: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        if not need_dx:
+            return None
+        if self.pairwise:
+            return self._pairwise_backward(dy, out)
+        dx = self._window_backward(dy)
+        if out is not None:
+            out[...] = dx
+            return out
+        return dx
+
+    def _pairwise_forward(self, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        n = x.shape[0]
+        c, oh, ow = self.out_shape
+        xe = x[:, :, : 2 * oh, : 2 * ow]  # rows/columns in no window are ignored
+        left, right = xe[..., 0::2], xe[..., 1::2]  # (N, C, 2*OH, OW)
+        h = self._cm("h", (n, c, 2 * oh, ow))
+        right_wins = self._cm("right", (n, c, 2 * oh, ow), np.bool_)
+        np.greater(right, left, out=right_wins)
+        np.maximum(left, right, out=h)
+        top, bottom = h[:, :, 0::2], h[:, :, 1::2]  # (N, C, OH, OW)
+        y = self._cm("y", (n, c, oh, ow)) if out is None else out
+        low_wins = self._cm("low", (n, c, oh, ow), np.bool_)
+        np.greater(bottom, top, out=low_wins)
+        np.maximum(top, bottom, out=y)
+        self._xshape = x.shape
+        return y
+
+    def _pairwise_backward(self, dy: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        n = self._xshape[0]
+        c, oh, ow = self.out_shape
+        right_wins = self._cm("right", (n, c, 2 * oh, ow), np.bool_)
+        low_wins = self._cm("low", (n, c, oh, ow), np.bool_)
+        other = self._cm("other", (n, c, 2 * oh, ow), np.bool_)  # scratch for the negations
+        dh = self._cm("dh", (n, c, 2 * oh, ow))  # dL/dh
+        high_wins = np.logical_not(low_wins, out=other[:, :, :oh])
+        np.multiply(dy, low_wins, out=dh[:, :, 1::2])
+        np.multiply(dy, high_wins, out=dh[:, :, 0::2])
+        dx = self._cm("dx", self._xshape) if out is None else out
+        dxe = dx[:, :, : 2 * oh, : 2 * ow]
+        left_wins = np.logical_not(right_wins, out=other)
+        np.multiply(dh, right_wins, out=dxe[..., 1::2])
+        np.multiply(dh, left_wins, out=dxe[..., 0::2])
+        if dx.shape[2] > 2 * oh:
+            dx[:, :, 2 * oh :] = 0
+        if dx.shape[3] > 2 * ow:
+            dx[:, :, :, 2 * ow :] = 0
+        return dx
+
+    def output_buffer(self, n: int) -> np.ndarray:
+        """The layer's own (N, C, OH, OW) channel-major output buffer."""
+        return self._cm("y", (n, *self.out_shape))
+
+    def forward_grid(self, grid: np.ndarray, n: int, hg: int, wg: int, out: np.ndarray) -> None:
+        """Pairwise pooling straight from a conv output grid (C, N*Hg*Wg), Wg even, image pixel
+        (n, a, b) at (n*Hg + a)*Wg + b: the horizontal pairs of the whole grid are one long
+        stride-2 pass. Writes y into out (N, C, OH, OW)."""
+        c, oh, ow = self.out_shape
+        half = grid.shape[1] // 2
+        h = self.ws.get("gh", (c, half))  # (C, N*Hg*Wg/2)
+        right_wins = self.ws.get("gright", (c, half), np.bool_)
+        left, right = grid[:, 0::2], grid[:, 1::2]
+        np.greater(right, left, out=right_wins)
+        np.maximum(left, right, out=h)
+        h4 = h.reshape(c, n, hg, wg // 2)
+        top, bottom = h4[:, :, 0 : 2 * oh : 2, :ow], h4[:, :, 1 : 2 * oh : 2, :ow]
+        low_wins = self.ws.get("glow", (c, n, oh, ow), np.bool_)
+        np.greater(bottom, top, out=low_wins)
+        np.maximum(top, bottom, out=out.transpose(1, 0, 2, 3))
+        if self._glayout != (n, hg, wg):  # dL/dh is zero wherever no window reads h
+            self.ws.get("gdh", (c, half))[...] = 0
+            self._glayout = (n, hg, wg)
+
+    def backward_grid(self, dy: np.ndarray, dgrid: np.ndarray) -> None:
+        """Gradient of forward_grid into the conv's output-gradient grid dgrid (C, N*Hg*Wg);
+        positions in no window get zero."""
+        c, oh, ow = self.out_shape
+        n, hg, wg = self._glayout
+        half = dgrid.shape[1] // 2
+        right_wins = self.ws.get("gright", (c, half), np.bool_)
+        low_wins = self.ws.get("glow", (c, n, oh, ow), np.bool_)
+        other = self.ws.get("gother", (c, half), np.bool_)
+        dh = self.ws.get("gdh", (c, half))
+        dh4 = dh.reshape(c, n, hg, wg // 2)
+        d = dy.transpose(1, 0, 2, 3)  # (C, N, OH, OW)
+        high_wins = np.logical_not(low_wins, out=self.ws.get("ghigh", low_wins.shape, np.bool_))
+        np.multiply(d, low_wins, out=dh4[:, :, 1 : 2 * oh : 2, :ow])
+        np.multiply(d, high_wins, out=dh4[:, :, 0 : 2 * oh : 2, :ow])
+        left_wins = np.logical_not(right_wins, out=other)
+        np.multiply(dh, right_wins, out=dgrid[:, 1::2])
+        np.multiply(dh, left_wins, out=dgrid[:, 0::2])
+
+    def _window_forward(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
         c, oh, ow = self.out_shape
         kh, kw = self.kernel
@@ -302,9 +620,7 @@ class MaxPool2d(_Pool2d):
         self._xshape = x.shape
         return y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
-        if not need_dx:
-            return None
+    def _window_backward(self, dy: np.ndarray) -> np.ndarray:
         kh, kw = self.kernel
         dx = self.ws.get("dx", self._xshape)
         hit = self.ws.get("hit", dy.shape, np.bool_)
@@ -368,7 +684,11 @@ class Flatten(Layer):
         self.out_shape = (math.prod(self.in_shape),)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return x.reshape(x.shape[0], -1)
+        if x.flags.c_contiguous:
+            return x.reshape(x.shape[0], -1)
+        y = self.ws.get("y", (x.shape[0], math.prod(x.shape[1:])))  # (N, C*H*W)
+        y.reshape(x.shape)[...] = x  # a channel-major input, gathered into C, H, W order
+        return y
 
     def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         return dy.reshape(dy.shape[0], *self.in_shape) if need_dx else None

@@ -204,9 +204,11 @@ class Model:
         self._dlogits: np.ndarray | None = None
         # Wall seconds in loss_and_grad's forward (with the loss) and backward, accumulated.
         self.seconds = {"forward": 0.0, "backward": 0.0}
-        # Profiling only (--profile): (L, 2) seconds per layer, forward and backward; None
-        # otherwise, so the normal path pays for no per-layer clock reads.
+        # Profiling only (--profile): (L, 2) seconds per layer (spec order), forward and
+        # backward; None otherwise, so the normal path pays for no per-layer clock reads.
         self.layer_seconds: np.ndarray | None = None
+        self._n = 0
+        self._plan_execution()
 
     def views_of(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Named views into a flat buffer laid out like params (velocity, gradients, ...)."""
@@ -228,33 +230,100 @@ class Model:
                 std = math.sqrt(2.0 / fan_in)
                 view[...] = rng.standard_normal(view.shape, dtype=np.float64) * std
 
+    def _plan_execution(self) -> None:
+        """Decide the order the layers run in and which buffers they share (results unchanged).
+
+        * relu then maxpool runs as maxpool then relu: max and relu commute exactly, the
+          pooled tensor is 4x smaller, and the gradient reaches the same single input per window
+          (a window whose maximum is <= 0 passes no gradient either way);
+        * a relu whose producer is a conv, dense or pooling layer works in place, forward and
+          backward (that producer's output and the dy it gets are nobody else's);
+        * a 2x2 max-pool right after a grid conv pools straight from the conv's output grid and
+          writes its dx straight into the conv's gradient grid (the conv pads its grid rows to
+          an even width for that);
+        * a 2x2 max-pool before a grid conv writes its output into that conv's input grid, and
+          the in-place relus between them rectify the whole grid in one contiguous pass.
+        """
+        plan = list(self.layers)
+        for i in range(1, len(plan) - 1):
+            if isinstance(plan[i], ReLU) and isinstance(plan[i + 1], MaxPool2d):
+                plan[i], plan[i + 1] = plan[i + 1], plan[i]
+        for i, layer in enumerate(plan):
+            if isinstance(layer, ReLU):
+                layer.inplace = i > 0 and isinstance(
+                    plan[i - 1], (Conv2d, Linear, MaxPool2d, AvgPool2d)
+                )
+        self._plan = plan
+        self._spec_index = [
+            next(k for k, m in enumerate(self.layers) if m is layer) for layer in plan
+        ]
+        self._feeds: dict[int, Conv2d] = {}  # pool index -> the conv whose input grid it fills
+        self._on_grid: dict[int, Conv2d] = {}  # pool index -> the conv whose output it pools
+        self._span: dict[int, Conv2d] = {}  # relu index -> the conv whose whole grid it rectifies
+        for i, layer in enumerate(plan):
+            if not (isinstance(layer, MaxPool2d) and layer.pairwise):
+                continue
+            j = i + 1
+            while j < len(plan) and isinstance(plan[j], ReLU) and plan[j].inplace:
+                j += 1
+            if j < len(plan) and isinstance(plan[j], Conv2d) and plan[j].grid:
+                self._feeds[i] = plan[j]
+                for r in range(i + 1, j):
+                    self._span[r] = plan[j]
+            prev = plan[i - 1] if i > 0 else None
+            if isinstance(prev, Conv2d) and prev.grid:
+                prev.even_width = True
+                self._on_grid[i] = prev
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x (N, C, H, W) -> logits (N, num_classes); a workspace reused by the next call."""
-        if self.layer_seconds is not None:
-            return self._forward_timed(x)
-        for layer in self.layers:
-            x = layer.forward(x)
+        n = x.shape[0]
+        timed = self.layer_seconds
+        for i, layer in enumerate(self._plan):
+            if timed is None:
+                x = self._forward_one(i, layer, x, n)
+            else:
+                t = time.perf_counter()
+                x = self._forward_one(i, layer, x, n)
+                timed[self._spec_index[i], 0] += time.perf_counter() - t
+        self._n = n
         return x
 
-    def _forward_timed(self, x: np.ndarray) -> np.ndarray:
-        assert self.layer_seconds is not None
-        for i, layer in enumerate(self.layers):
-            t = time.perf_counter()
-            x = layer.forward(x)
-            self.layer_seconds[i, 0] += time.perf_counter() - t
-        return x
+    def _forward_one(self, i: int, layer: Layer, x: np.ndarray, n: int) -> np.ndarray:
+        """Run plan step i, letting it read from or write into a neighbour's buffers."""
+        feeds, conv = self._feeds.get(i), self._on_grid.get(i)
+        if conv is not None:
+            g = conv.grids()
+            out = feeds.input_buffer(n) if feeds is not None else layer.output_buffer(n)
+            layer.forward_grid(g["y"], g["n"], g["hg"], g["wg"], out)
+            return out
+        if feeds is not None:
+            return layer.forward(x, out=feeds.input_buffer(n))
+        if i in self._span:
+            return layer.forward(x, span=self._span[i].grids()["x"])
+        return layer.forward(x)
 
     def backward(self, dlogits: np.ndarray) -> None:
         """Fill self.grads from dL/dlogits (N, num_classes), layers in reverse order."""
         d: np.ndarray | None = dlogits
         timed = self.layer_seconds
-        for i in range(len(self.layers) - 1, -1, -1):
+        for i in range(len(self._plan) - 1, -1, -1):
             if timed is None:
-                d = self.layers[i].backward(d, need_dx=i > 0)
+                d = self._backward_one(i, d)
             else:
                 t = time.perf_counter()
-                d = self.layers[i].backward(d, need_dx=i > 0)
-                timed[i, 1] += time.perf_counter() - t
+                d = self._backward_one(i, d)
+                timed[self._spec_index[i], 1] += time.perf_counter() - t
+
+    def _backward_one(self, i: int, d: np.ndarray | None) -> np.ndarray | None:
+        layer = self._plan[i]
+        conv = self._on_grid.get(i)
+        if conv is not None:
+            layer.backward_grid(d, conv.grids()["dy"])
+            return conv.grad_output_buffer(self._n)
+        if i in self._span:
+            return layer.backward(d, need_dx=True, span=self._span[i].grids()["dx"])
+        return layer.backward(d, need_dx=i > 0)
 
     def loss_and_grad(
         self, x: np.ndarray, labels: np.ndarray, scale: float = 1.0

@@ -26,6 +26,7 @@ class SGD:
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self.velocity = np.zeros_like(params)  # (P,)
+        self._scratch = np.empty_like(params)  # (P,) reused every step: no temporaries
 
     def step(self, grads: np.ndarray, lr: float) -> None:
         v = self.velocity
@@ -34,9 +35,12 @@ class SGD:
             v += grads
         else:
             v[...] = grads
+        tmp = self._scratch
         if self.weight_decay != 0.0:
-            v += self.weight_decay * self.params
-        self.params -= np.asarray(lr, dtype=self.params.dtype) * v
+            np.multiply(self.params, self.weight_decay, out=tmp)
+            v += tmp
+        np.multiply(v, np.asarray(lr, dtype=self.params.dtype), out=tmp)
+        self.params -= tmp
 
 
 def learning_rate(

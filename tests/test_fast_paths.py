@@ -1,0 +1,206 @@
+"""Fast paths of distcnn.layers and the Model's execution plan against the naive references.
+
+The grid convolution (stride 1), the pairwise 2x2 max-pool, in-place ReLU, relu/max-pool
+reordering and pools writing into convolution grids must give the naive numbers, including
+max-pool ties (first maximum in row-major window order), odd sizes and changing batch sizes.
+No timing here: speed lives in `python -m distcnn.bench`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distcnn import naive
+from distcnn.layers import Conv2d, MaxPool2d, ReLU
+from distcnn.model import Model
+
+TOL = {np.float32: {"rtol": 1e-4, "atol": 1e-5}, np.float64: {"rtol": 1e-10, "atol": 1e-10}}
+
+
+def bound_conv(in_shape, filters, kernel, padding, dtype, rng):
+    layer = Conv2d(in_shape, filters, kernel=kernel, stride=1, padding=padding, dtype=dtype)
+    params = {k: rng.standard_normal(s).astype(dtype) for k, s in layer.param_shapes().items()}
+    grads = {k: np.full(s, np.nan, dtype=dtype) for k, s in layer.param_shapes().items()}
+    layer.bind(params, grads)
+    return layer, params, grads
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "in_shape, filters, kernel, padding",
+    [((1, 28, 28), 4, 3, "same"), ((3, 5, 7), 2, (3, 5), "same"), ((2, 6, 5), 3, 3, "valid"),
+     ((2, 4, 4), 2, 1, "same"), ((2, 7, 6), 2, (2, 3), (1, 2))],
+)  # fmt: skip
+def test_grid_conv_matches_naive_across_batch_sizes(in_shape, filters, kernel, padding, dtype):
+    rng = np.random.default_rng(0)
+    layer, params, grads = bound_conv(in_shape, filters, kernel, padding, dtype, rng)
+    assert layer.grid
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    pad = {"same": ((kh - 1) // 2, (kw - 1) // 2), "valid": (0, 0)}.get(padding, padding)
+    for n in (5, 2, 5):  # a smaller batch reuses the buffers laid out for the larger one
+        x = rng.standard_normal((n, *in_shape)).astype(dtype)
+        y = layer.forward(x)
+        assert y.dtype == dtype and y.shape == (n, *layer.out_shape)
+        np.testing.assert_allclose(
+            y, naive.conv2d_forward_naive(x, params["weight"], params["bias"], (1, 1), pad),
+            **TOL[dtype],
+        )  # fmt: skip
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        dx = layer.backward(dy)
+        dx_ref, dw_ref, db_ref = naive.conv2d_backward_naive(x, params["weight"], (1, 1), pad, dy)
+        np.testing.assert_allclose(dx, dx_ref, **TOL[dtype])
+        np.testing.assert_allclose(grads["weight"], dw_ref, **TOL[dtype])
+        np.testing.assert_allclose(grads["bias"], db_ref, **TOL[dtype])
+
+
+def test_grid_conv_reads_its_input_buffer_without_copy():
+    """A producer writing into input_buffer() gives the same result as passing x."""
+    rng = np.random.default_rng(1)
+    layer, params, _ = bound_conv((2, 6, 6), 3, 3, "same", np.float64, rng)
+    x = rng.standard_normal((4, 2, 6, 6))
+    buf = layer.input_buffer(4)
+    buf[...] = x
+    y = np.array(layer.forward(buf))
+    ref = naive.conv2d_forward_naive(x, params["weight"], params["bias"], (1, 1), (1, 1))
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 2, 8, 8), (2, 3, 7, 9), (1, 1, 2, 2), (2, 2, 5, 3)])
+def test_pairwise_maxpool_matches_naive_with_ties(shape, dtype):
+    rng = np.random.default_rng(2)
+    layer = MaxPool2d(shape[1:], kernel=2, dtype=dtype)
+    assert layer.pairwise
+    for x in (
+        rng.integers(0, 3, size=shape).astype(dtype),  # many ties
+        rng.standard_normal(shape).astype(dtype),
+        np.zeros(shape, dtype=dtype),
+    ):
+        y = layer.forward(x)
+        np.testing.assert_array_equal(y, naive.maxpool_forward_naive(x, (2, 2), (2, 2)))
+        dy = rng.integers(1, 5, size=y.shape).astype(dtype)
+        dx = layer.backward(dy)
+        np.testing.assert_array_equal(dx, naive.maxpool_backward_naive(x, (2, 2), (2, 2), dy))
+        assert np.count_nonzero(dx) == y.size  # one input per window
+
+
+def test_pairwise_maxpool_writes_into_given_buffers():
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 3, size=(2, 3, 6, 6)).astype(np.float64)
+    layer = MaxPool2d((3, 6, 6), kernel=2, dtype=np.float64)
+    out = np.full((2, 3, 3, 3), np.nan)
+    assert layer.forward(x, out=out) is out
+    np.testing.assert_array_equal(out, naive.maxpool_forward_naive(x, (2, 2), (2, 2)))
+    dy = rng.standard_normal(out.shape)
+    dx_out = np.full(x.shape, np.nan)
+    assert layer.backward(dy, out=dx_out) is dx_out
+    np.testing.assert_array_equal(dx_out, naive.maxpool_backward_naive(x, (2, 2), (2, 2), dy))
+
+
+def test_inplace_relu_overwrites_and_matches_naive():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 2, 4, 4))
+    x_ref = x.copy()
+    layer = ReLU((2, 4, 4), dtype=np.float64)
+    layer.inplace = True
+    y = layer.forward(x)
+    assert y is x
+    np.testing.assert_array_equal(y, naive.relu_forward_naive(x_ref))
+    dy = rng.standard_normal(x.shape)
+    dy_ref = dy.copy()
+    dx = layer.backward(dy)
+    assert dx is dy
+    np.testing.assert_array_equal(dx, naive.relu_backward_naive(x_ref, dy_ref))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["conv:4:3,relu,maxpool:2,conv:6:3,relu,maxpool:2,flatten,dense:8,relu,dense",
+     "conv:3:3,relu,maxpool:3:stride=2,conv:4:3:stride=2,relu,dense",
+     "relu,maxpool:2,conv:3:3,relu,conv:2:1,maxpool:2,dense"],
+)  # fmt: skip
+def test_model_plan_matches_the_layers_in_spec_order(spec):
+    """The reordered, in-place, buffer-sharing plan gives what running each layer in spec order
+    on fresh copies gives (forward and every gradient), with ties in the pools (zero input)."""
+    rng = np.random.default_rng(5)
+    model = Model(spec, (1, 12, 12), 5, np.float64)
+    model.init_params(0)
+    for n in (4, 2):
+        x = rng.standard_normal((n, 1, 12, 12))
+        x[0] = 0  # whole windows of equal values
+        labels = rng.integers(0, 5, size=n)
+        model.loss_and_grad(x, labels)
+        grads = model.grads.copy()
+        logits = np.array(model.forward(x))
+        h, cache = x, []
+        for layer in model.layers:  # spec order, through the naive references
+            cache.append(h)
+            h = _naive_forward(layer, model, h)
+        np.testing.assert_allclose(logits, h, rtol=1e-10, atol=1e-10)
+        _, d = naive.softmax_cross_entropy_naive(h, labels)
+        ref = {}
+        for layer, inp in zip(reversed(model.layers), reversed(cache), strict=True):
+            d = _naive_backward(layer, model, inp, d, ref)
+        for name, view in model.views_of(grads).items():
+            np.testing.assert_allclose(view, ref[name], rtol=1e-8, atol=1e-10, err_msg=name)
+
+
+def _naive_forward(layer, model, x):
+    p = model.param_views
+    if layer.kind == "conv":
+        w, b = p[f"{layer.name}.weight"], p[f"{layer.name}.bias"]
+        return naive.conv2d_forward_naive(x, w, b, layer.stride, layer.pad)
+    if layer.kind == "relu":
+        return naive.relu_forward_naive(x)
+    if layer.kind == "maxpool":
+        return naive.maxpool_forward_naive(x, layer.kernel, layer.stride)
+    if layer.kind == "flatten":
+        return x.reshape(x.shape[0], -1)
+    return naive.linear_forward_naive(x, p[f"{layer.name}.weight"], p[f"{layer.name}.bias"])
+
+
+def _naive_backward(layer, model, x, dy, ref):
+    p = model.param_views
+    if layer.kind == "conv":
+        w = p[f"{layer.name}.weight"]
+        dx, ref[f"{layer.name}.weight"], ref[f"{layer.name}.bias"] = (
+            naive.conv2d_backward_naive(x, w, layer.stride, layer.pad, dy)
+        )  # fmt: skip
+        return dx
+    if layer.kind == "relu":
+        return naive.relu_backward_naive(x, dy)
+    if layer.kind == "maxpool":
+        return naive.maxpool_backward_naive(x, layer.kernel, layer.stride, dy)
+    if layer.kind == "flatten":
+        return dy.reshape(x.shape)
+    w = p[f"{layer.name}.weight"]
+    dx, ref[f"{layer.name}.weight"], ref[f"{layer.name}.bias"] = naive.linear_backward_naive(
+        x, w, dy
+    )
+    return dx
+
+
+def test_bench_smoke_prints_every_section():
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "distcnn.bench", "--smoke"],
+        capture_output=True, text=True, env=env, timeout=120, cwd=root,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for header in (
+        "== Train step, 1 process",
+        "NumPy float32 GEMM ceiling",
+        "data loading (Split.batch)",
+        "== Peak memory per process",
+        "== 2 ranks x 1 thread",
+        "by batch and image size ==",
+    ):
+        assert header in proc.stdout, header
+    assert "distcnn  " in proc.stdout
