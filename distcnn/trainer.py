@@ -59,6 +59,13 @@ class Phases:
         self.seconds[phase] += now - t0
         return now
 
+    def summary(self) -> str:
+        """One line: seconds per phase, and the share of step time spent in the collective."""
+        step = sum(self.seconds[p] for p in ("data", "compute", "comm", "optimizer"))
+        parts = ", ".join(f"{p} {s:.2f} s" for p, s in self.seconds.items())
+        share = 100 * self.seconds["comm"] / max(step, 1e-9)
+        return f"time per phase: {parts}; comm {share:.1f}% of step time"
+
 
 class Preemption:
     """SIGTERM / SIGUSR1 set a flag; the ranks agree on it at the next step's collective."""
@@ -283,22 +290,31 @@ class Trainer:
         loss, accuracy, and whether any rank asked to stop."""
         cfg, comm, red, P = self.cfg, self.comm, self.red, self.n_params
         n = len(batch)
+        # Flags every rank must agree on travel inside the step's one collective.
+        stop_flag = 1.0 if self.preempt.requested else 0.0
+        poison = self.fault is not None and self.fault == (self.state.step + 1, "nan")
         t = time.perf_counter()
         if cfg["deterministic"]:
-            self._deterministic_grads(batch)
+            mine = self._deterministic_partial(batch)
             t = self.phases.add("compute", t)
+            mine[P + 2] = stop_flag
+            if poison:
+                mine[0] = np.nan
+            # MPI: every rank's subtree, combined below in the same fixed order on every rank
+            comm.allgather(
+                mine, self.gathered, f"deterministic allgather, step {self.state.step + 1}"
+            )
+            self._combine_gathered()
         else:
             lo, hi = shard_bounds(n, comm.size, comm.rank)
             x = self.train.batch(batch[lo:hi], out=self.xbuf)
             labels = self.train.labels[batch[lo:hi]]
             t = self.phases.add("data", t)
             loss, correct = self.model.loss_and_grad(x, labels, scale=1.0 / n)
-            red[P], red[P + 1] = loss, correct
+            red[P], red[P + 1], red[P + 2] = loss, correct, stop_flag
+            if poison:
+                red[0] = np.nan
             t = self.phases.add("compute", t)
-        red[P + 2] = 1.0 if self.preempt.requested else 0.0
-        if self.fault and self.fault == (self.state.step + 1, "nan"):
-            red[0] = np.nan
-        if not cfg["deterministic"]:
             comm.allreduce_sum(red, f"gradient allreduce, step {self.state.step + 1}")  # MPI
         t = self.phases.add("comm", t)
         grads = red[:P]
@@ -319,13 +335,15 @@ class Trainer:
         self.phases.add("optimizer", t)
         return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0) or not finite
 
-    def _deterministic_grads(self, batch: np.ndarray) -> None:
-        """Gradient sums of DET_SHARDS fixed micro-shards, added as a fixed binary tree.
+    def _deterministic_partial(self, batch: np.ndarray) -> np.ndarray:
+        """This rank's part of the fixed tree over DET_SHARDS micro-shards of the batch.
 
-        This rank owns a power-of-two aligned run of leaves, so its partial sum is a subtree of
-        the same tree whatever the rank count; the ranks' subtrees are then allgathered and
-        combined by the same pairwise additions on every rank. Same additions, same order:
-        bitwise identical for 1, 2, 4 or 8 ranks.
+        Leaf m is the gradient sum (scaled by 1/global batch) of micro-shard m; leaves are added
+        as a fixed binary tree, left + right. This rank owns a power-of-two aligned run of leaves,
+        so its partial sum is a subtree of the same tree whatever the rank count, and
+        _combine_gathered finishes the tree with the same pairwise additions on every rank. Same
+        additions in the same order: bitwise identical for 1, 2, 4 or 8 ranks.
+        Returns a buffer laid out like the reduce buffer (slot P + 2 is left to the caller).
         """
         comm, n, P = self.comm, len(batch), self.n_params
         per_rank = DET_SHARDS // comm.size
@@ -346,12 +364,16 @@ class Trainer:
                 buf, level = left, level + 1
             stack.append((level, buf))
         ((_, mine),) = stack
-        comm.allgather(mine, self.gathered, f"deterministic allgather, step {self.state.step + 1}")
+        return mine
+
+    def _combine_gathered(self) -> None:
+        """The top of the tree: the ranks' subtrees (rank order) added pairwise into red."""
+        P = self.n_params
         parts = list(self.gathered)
         while len(parts) > 1:
             parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
         self.red[...] = parts[0]
-        self.red[P + 2] = self.gathered[:, P + 2].sum()
+        self.red[P + 2] = self.gathered[:, P + 2].sum()  # stop flag: any rank's
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -460,6 +482,8 @@ class Trainer:
                 self.save()
         self._replica_check()
         self.save()
+        if cfg["profile"]:
+            con.print(self.phases.summary())
         if stop and self.preempt.requested or stop:
             con.print(f"stopped at step {st.step} on a signal; checkpoint saved, exiting 0")
             return 0
