@@ -138,9 +138,14 @@ def build_layers(
                 width = _int(ls.args[0], ls.text, "width") if ls.args else num_classes
                 layer = Linear(shape, width, dtype)
         except ValueError as e:
+            fix = (
+                "use fewer pooling layers or larger images"
+                if "does not fit" in str(e)
+                else f"change layer {ls.text!r}"
+            )
             raise UsageError(
                 f"layer {i + 1} {ls.text!r} of --model does not fit its input {shape} "
-                f"(image {tuple(input_shape)}): {e}; use fewer pooling layers or larger images"
+                f"(image {tuple(input_shape)}): {e}; {fix}"
             ) from None
         if ls.kind in counts:
             counts[ls.kind] += 1

@@ -26,4 +26,3 @@ def shard_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return -(-num_samples // batch_size)
-

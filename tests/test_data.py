@@ -666,3 +666,19 @@ def test_shipped_mnist():
     attrs = data.dataset_summary(DEFAULT_DATASET)["attrs"]
     assert "LeCun" in attrs["source"] and "CC BY-SA 3.0" in attrs["license"]
     assert DEFAULT_DATASET.stat().st_size < 4_000_000
+
+
+SHARED_MNIST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="../shared/data/mnist is not beside the repo")
+def test_shipped_mnist_equals_its_sources():
+    """data/mnist.h5 holds exactly the pixels and labels of the source files, in order."""
+    images, labels = data.read_csv(SHARED_MNIST / "mnist_5k.csv.gz")
+    train = load_split(DEFAULT_DATASET, "train")
+    np.testing.assert_array_equal(train.images, images)
+    np.testing.assert_array_equal(train.labels, labels)
+    test = load_split(DEFAULT_DATASET, "test")
+    test_images = read_idx(SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
+    np.testing.assert_array_equal(test.images[:, 0], test_images)
+    np.testing.assert_array_equal(test.labels, read_idx(SHARED_MNIST / "t10k-labels-idx1-ubyte.gz"))

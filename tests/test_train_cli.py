@@ -37,7 +37,10 @@ def last_err(capsys: pytest.CaptureFixture) -> str:
         (["--data", "missing.h5"], "error: --data missing.h5: no such file"),
         (["--model", "conv:8:3,relu,blur:2,dense"], "error: unknown layer 'blur:2' in --model"),
         (["--model", "conv:8:3,relu"], "error: --model must end with a dense layer of 3 outputs"),
-        (["--model", "conv:8:4,dense"], "padding 'same' needs an odd kernel"),
+        (
+            ["--model", "conv:8:4,dense"],
+            "padding 'same' needs an odd kernel, got 4x4; change layer 'conv:8:4'",
+        ),
         (
             ["--model", "conv:4:3,maxpool:2,maxpool:2,maxpool:2,maxpool:2,dense"],
             "error: layer 5 'maxpool:2' of --model does not fit its input (4, 1, 1)",
