@@ -57,7 +57,8 @@ class Checkpoint:
     input_shape: tuple[int, int, int]
     model: str
     config: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the trainer's log window
+    format_version: int = FORMAT_VERSION  # as read from the file
 
 
 def file_name(step: int) -> str:
@@ -83,8 +84,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind e, if any: h5py reports a failed write (disk full, file too large) as
+    a SystemError or RuntimeError whose context is the OSError that says what happened."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
 def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
-    """Write ck to path atomically and durably; raises OSError on failure, leaving no .h5 behind."""
+    """Write ck to path atomically and durably; raises OSError on failure (ValueError for
+    non-finite values), leaving no .h5 and no temporary file behind."""
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     attrs: dict[str, Any] = {
@@ -108,7 +122,7 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
         with open(tmp, "wb") as raw:
             with h5py.File(raw, "w") as f:
                 for group, arrays in (("model", ck.params), ("optimizer/velocity", ck.velocity)):
-                    g = f.require_group(group)
+                    g = f.create_group(group, track_order=True)  # layer order, as torch
                     for name, a in arrays.items():
                         a = np.asarray(a, dtype=np.float32)
                         if not np.all(np.isfinite(a)):
@@ -121,11 +135,14 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
             os.fsync(raw.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
         except OSError:
             pass
+        cause = _os_error(e)
+        if cause is not None and not cause.filename:  # say which file could not be written
+            raise OSError(cause.errno, f"{cause.strerror} (writing {tmp})") from e
         raise
     return path
 
@@ -179,12 +196,13 @@ def load(path: str | os.PathLike) -> Checkpoint:
                     arrays[group][name] = a
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated or "
             "not HDF5: resume from another checkpoint"
         ) from None
     return Checkpoint(
+        format_version=version,
         params=arrays["model"],
         velocity=arrays["optimizer/velocity"],
         step=int(attrs["step"]),
@@ -202,12 +220,20 @@ def load(path: str | os.PathLike) -> Checkpoint:
 
 
 def check_fits(
-    ck: Checkpoint, shapes: dict[str, tuple[int, ...]], num_classes: int, path: str
+    ck: Checkpoint,
+    shapes: dict[str, tuple[int, ...]],
+    num_classes: int,
+    path: str,
+    input_shape: tuple[int, ...] | None = None,
 ) -> None:
     """Raise CheckpointError listing every mismatch between ck and the model's parameters."""
     problems = []
     if ck.num_classes != num_classes:
         problems.append(f"num_classes: expected {num_classes}, found {ck.num_classes}")
+    if input_shape is not None and tuple(ck.input_shape) != tuple(input_shape):
+        problems.append(
+            f"input_shape: expected {tuple(input_shape)}, found {tuple(ck.input_shape)}"
+        )
     for name, shape in shapes.items():
         for group, arrays in (("model", ck.params), ("velocity", ck.velocity)):
             if name not in arrays:
@@ -247,7 +273,7 @@ def newest_valid(directory: str | os.PathLike) -> tuple[Path | None, list[str]]:
         try:
             load(p)
         except CheckpointError as e:
-            skipped.append(f"skipping damaged checkpoint {p.name}: {e}")
+            skipped.append(f"--resume auto: skipping {p.name}, it does not verify: {e}")
             continue
         return p, skipped
     return None, skipped
@@ -276,17 +302,21 @@ def prune(directory: str | os.PathLike, keep: int) -> None:
             pass
 
 
+SUMMARY_FAILED = "checksum status: FAILED"
+
+
 def summarize(path: str | os.PathLike) -> str:
-    """Human-readable summary of a checkpoint, with its checksum status."""
+    """Human-readable summary of a checkpoint, with its checksum status (a file that does not
+    load and verify shows SUMMARY_FAILED and the reason)."""
     path = Path(path)
     try:
         ck = load(path)
         status = "ok (every dataset and the attributes verify)"
     except CheckpointError as e:
-        return f"checkpoint {path}\n  checksum status: FAILED: {e}"
+        return f"checkpoint {path}\n  {SUMMARY_FAILED}: {e}"
     lines = [
         f"checkpoint {path}",
-        f"  format_version {FORMAT_VERSION}, checksum status: {status}",
+        f"  format_version {ck.format_version}, checksum status: {status}",
         f"  step {ck.step}, epoch {ck.epoch} (+{ck.offset} samples), written by {ck.world_size} "
         f"rank(s), seed {ck.seed}, best val accuracy {ck.best_val:.4f}",
         f"  model {ck.model}  input {tuple(ck.input_shape)}  classes {ck.num_classes}",

@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "collective_timeout": 300.0,
     "val_fraction": 0.0,
     "clip_norm": None,
+    "max_bad_steps": 3,
     "eval_batch_size": 1000,
     "no_progress": False,
     "profile": False,
@@ -54,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
 NON_TRAJECTORY = {
     "checkpoint_dir", "checkpoint_every", "keep", "resume", "log", "log_every", "threads",
     "collective_timeout", "eval_batch_size", "no_progress", "profile", "dry_run", "max_steps",
+    "max_bad_steps",
 }  # fmt: skip
 
 SCHEDULES = ("constant", "cosine", "step")
@@ -99,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--val-fraction", type=float, metavar="F", help="carve a validation set from train")
     a("--clip-norm", type=float, metavar="C", help="clip the global gradient norm to C")
+    a(
+        "--max-bad-steps",
+        type=int,
+        metavar="N",
+        help="stop after N steps in a row skipped for a non-finite loss or gradient (default 3)",
+    )
     a("--eval-batch-size", type=int, metavar="B", help="batch for evaluation (default 1000)")
     a("--no-progress", action="store_true", help="no progress lines, epoch summaries only")
     a("--profile", action="store_true", help="print time per phase and per layer at the end")
@@ -181,6 +189,7 @@ def validate(cfg: dict[str, Any]) -> None:
 
     for key in ("epochs", "batch_size", "checkpoint_every", "log_every", "eval_batch_size"):
         positive(key)
+    positive("max_bad_steps")
     positive("max_steps", allow_none=True)
     positive("threads", allow_none=True)
     if not isinstance(cfg["keep"], int) or cfg["keep"] < 1:

@@ -29,6 +29,7 @@ import argparse
 import gzip
 import io
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -862,8 +863,12 @@ def _format_dataset(summary: dict) -> str:
 def _is_checkpoint(path: Path) -> bool:
     if not path.is_file() or not h5py.is_hdf5(path):
         return False
-    with h5py.File(path, "r") as f:
-        return "format_version" in f.attrs and isinstance(f.get("model"), h5py.Group)
+    try:
+        with h5py.File(path, "r") as f:
+            return "format_version" in f.attrs and isinstance(f.get("model"), h5py.Group)
+    except (OSError, RuntimeError, KeyError):
+        # damaged (e.g. truncated): a checkpoint by its name gets the checkpoint report
+        return re.fullmatch(r"ckpt-\d{8,}\.h5|best\.h5", path.name) is not None
 
 
 def _format_checkpoint(path: Path) -> str:
@@ -890,8 +895,9 @@ def _format_checkpoint(path: Path) -> str:
 def _cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if _is_checkpoint(path):
-        print(_format_checkpoint(path))
-        return 0
+        text = _format_checkpoint(path)
+        print(text)
+        return 1 if "checksum status: FAILED" in text else 0
     if args.split is not None:
         split = load_split(path, args.split)
         counts = np.bincount(split.labels, minlength=split.num_classes)

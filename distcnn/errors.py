@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from typing import NoReturn
+
 
 class UsageError(Exception):
     """Bad flags or bad input, found before training starts.
@@ -11,3 +14,10 @@ class UsageError(Exception):
     """
 
     exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors become a UsageError (one line, exit 2) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see --help)")

@@ -17,6 +17,7 @@ state_dict unchanged.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,6 +202,11 @@ class Model:
                     {k: self.grad_views[f"{layer.name}.{k}"] for k in keys},
                 )
         self._dlogits: np.ndarray | None = None
+        # Wall seconds in loss_and_grad's forward (with the loss) and backward, accumulated.
+        self.seconds = {"forward": 0.0, "backward": 0.0}
+        # Profiling only (--profile): (L, 2) seconds per layer, forward and backward; None
+        # otherwise, so the normal path pays for no per-layer clock reads.
+        self.layer_seconds: np.ndarray | None = None
 
     def views_of(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Named views into a flat buffer laid out like params (velocity, gradients, ...)."""
@@ -224,15 +230,31 @@ class Model:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x (N, C, H, W) -> logits (N, num_classes); a workspace reused by the next call."""
+        if self.layer_seconds is not None:
+            return self._forward_timed(x)
         for layer in self.layers:
             x = layer.forward(x)
+        return x
+
+    def _forward_timed(self, x: np.ndarray) -> np.ndarray:
+        assert self.layer_seconds is not None
+        for i, layer in enumerate(self.layers):
+            t = time.perf_counter()
+            x = layer.forward(x)
+            self.layer_seconds[i, 0] += time.perf_counter() - t
         return x
 
     def backward(self, dlogits: np.ndarray) -> None:
         """Fill self.grads from dL/dlogits (N, num_classes), layers in reverse order."""
         d: np.ndarray | None = dlogits
+        timed = self.layer_seconds
         for i in range(len(self.layers) - 1, -1, -1):
-            d = self.layers[i].backward(d, need_dx=i > 0)
+            if timed is None:
+                d = self.layers[i].backward(d, need_dx=i > 0)
+            else:
+                t = time.perf_counter()
+                d = self.layers[i].backward(d, need_dx=i > 0)
+                timed[i, 1] += time.perf_counter() - t
 
     def loss_and_grad(
         self, x: np.ndarray, labels: np.ndarray, scale: float = 1.0
@@ -244,13 +266,17 @@ class Model:
         if x.shape[0] == 0:
             self.grads[...] = 0
             return 0.0, 0
+        t0 = time.perf_counter()
         logits = self.forward(x)
         if self._dlogits is None or self._dlogits.shape[0] < logits.shape[0]:
             self._dlogits = np.empty_like(logits)
         loss, correct, dlogits = softmax_cross_entropy(
             logits, labels, scale, self._dlogits[: logits.shape[0]]
         )
+        t1 = time.perf_counter()
         self.backward(dlogits)
+        self.seconds["forward"] += t1 - t0
+        self.seconds["backward"] += time.perf_counter() - t1
         return loss, correct
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int, np.ndarray]:
@@ -258,6 +284,10 @@ class Model:
         logits = self.forward(x)
         loss, correct, _ = softmax_cross_entropy(logits, labels)
         return loss, correct, logits.argmax(axis=1)
+
+    def profile_layers(self, on: bool = True) -> None:
+        """Start (or stop) timing every layer's forward and backward into layer_seconds."""
+        self.layer_seconds = np.zeros((len(self.layers), 2)) if on else None
 
     def flops_per_sample(self) -> int:
         """Forward FLOPs per sample; a training step costs about three times this."""

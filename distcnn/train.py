@@ -20,6 +20,9 @@ from typing import Any
 
 from distcnn.errors import UsageError
 
+# settings a resumed run does not take from the checkpoint's config
+NOT_INHERITED = ("max_steps", "resume", "dry_run")
+
 
 def _error(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr, flush=True)
@@ -103,30 +106,51 @@ def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -
         resume = None
         if decision.get("path"):
             resume = ckpt.load(decision["path"]) if comm.rank == 0 else decision["meta"]
+        if comm.rank == 0:
+            _check_checkpoint_dir(cfg["checkpoint_dir"])
         trainer = Trainer(cfg, comm, warnings, resume, decision.get("path"))
         if comm.rank == 0:
-            d = ckpt.Path(cfg["checkpoint_dir"])
-            d.mkdir(parents=True, exist_ok=True)
-            if not d.is_dir():
-                raise UsageError(f"--checkpoint-dir {d} is not a directory; give a directory")
-            for p in ckpt.remove_stale_temporaries(d):
+            for p in ckpt.remove_stale_temporaries(cfg["checkpoint_dir"]):
                 trainer.console.warn(f"removed {p}, left by an interrupted save")
     except UsageError as e:
         err = str(e)
-    except OSError as e:
-        err = (
-            f"--checkpoint-dir {flags.get('checkpoint_dir', 'checkpoints')} is unusable ({e}); "
-            "give a writable directory"
-        )
     err = _agree(comm, err)
     if err:
         return _error(err) if comm.rank == 0 else 2
     assert trainer is not None
+    from distcnn.trainer import SaveFailed
+
     trainer.start()
     if comm.rank == 0:
         print(f"threads per rank: {n_threads} (from {thread_source})", flush=True)
         print("config: " + json.dumps(trainer.cfg, sort_keys=True), flush=True)
-    return trainer.run()
+    try:
+        return trainer.run()
+    except SaveFailed as e:
+        # every rank raised it (the outcome was broadcast), so all end here together: one
+        # message, exit 1, no abort needed
+        if comm.rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _check_checkpoint_dir(path: str) -> None:
+    """On rank 0: create --checkpoint-dir and prove it writable, or raise UsageError (exit 2)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    d = Path(path)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", suffix=".tmp", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise UsageError(
+            f"--checkpoint-dir {path} is unusable ({reason}); give a writable directory"
+        ) from None
 
 
 def _resume_decision(flags: dict[str, Any]) -> dict[str, Any]:
@@ -139,13 +163,19 @@ def _resume_decision(flags: dict[str, Any]) -> dict[str, Any]:
         resume = config.read_toml(flags["config"]).get("resume")
     if not resume:
         return {}
-    notes = []
+    notes: list[str] = []
     if resume == "auto":
         directory = flags.get("checkpoint_dir")
         if directory is None and flags.get("config"):
             directory = config.read_toml(flags["config"]).get("checkpoint_dir")
         directory = directory or config.DEFAULTS["checkpoint_dir"]
         path, notes = ckpt.newest_valid(directory)
+        if path is None and notes:
+            raise UsageError(
+                f"--resume auto: no checkpoint in {directory} verifies ("
+                + "; ".join(notes)
+                + "); give --resume PATH of a good one, or move the damaged ones away"
+            )
         if path is None:
             return {
                 "notes": notes + [f"--resume auto: no checkpoint in {directory}; starting fresh"]
@@ -166,9 +196,12 @@ def _resume_decision(flags: dict[str, Any]) -> dict[str, Any]:
         input_shape=ck.input_shape,
         model=ck.model,
         config=ck.config,
+        extra=ck.extra,
     )
     notes.append(f"resuming from {path} at step {ck.step} (written by {ck.world_size} rank(s))")
-    return {"path": str(path), "config": ck.config, "meta": meta, "notes": notes}
+    # --max-steps limits one invocation: a resumed run without it goes on to --epochs
+    inherited = {k: v for k, v in ck.config.items() if k not in NOT_INHERITED}
+    return {"path": str(path), "config": inherited, "meta": meta, "notes": notes}
 
 
 def _dry_run(cfg: dict[str, Any], n_threads: int, thread_source: str, ranks: int) -> None:

@@ -31,11 +31,16 @@ from distcnn.comm import Comm
 from distcnn.errors import UsageError
 from distcnn.model import REFERENCE_SPEC, Model
 from distcnn.optim import SGD, learning_rate
+from distcnn.progress import Progress, fmt_metric, hms, profile_table
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
 
 EXTRA = 3  # slots after the gradient in the reduce buffer: loss sum, correct, stop flag
 DET_SHARDS = 8  # --deterministic: micro-shards per global batch (a multiple of 4)
-PHASES = ("data", "compute", "comm", "optimizer", "checkpoint", "eval")
+# Phases of the run timed on rank 0 (every rank times its own; rank 0's go to the log and to
+# --profile). "data" is building this rank's batch (and, with --deterministic, adding the
+# micro-shard sums); "comm" the step's collective, waiting for slower ranks included.
+PHASES = ("data", "forward", "backward", "comm", "optimizer", "checkpoint", "eval")
+STEP_PHASES = PHASES[:-1]  # eval happens between steps
 
 
 @dataclass
@@ -46,6 +51,33 @@ class TrainState:
     epoch: int = 0  # current epoch (0-based)
     offset: int = 0  # samples of this epoch's global order already used
     best_val: float = -1.0  # best validation accuracy so far (-1: none yet)
+    # The metrics being averaged for the log, saved so that a resumed run logs exactly what an
+    # uninterrupted one does: the step window (steps since the last multiple of --log-every,
+    # sums over its finite steps) and the epoch's (loss * images, correct, images).
+    window_start: int = 0  # the step the current window follows
+    loss_sum: float = 0.0
+    acc_sum: float = 0.0
+    window: int = 0  # finite steps in the window
+    epoch_sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+    def log_state(self) -> dict[str, Any]:
+        return {
+            "window": [self.window_start, self.loss_sum, self.acc_sum, self.window],
+            "epoch_sums": [float(x) for x in self.epoch_sums],
+        }
+
+    def restore_log_state(self, saved: dict[str, Any]) -> None:
+        """From a checkpoint's extra["log_state"]; without one the windows start afresh."""
+        if not saved:
+            self.window_start = self.step
+            return
+        ws, ls, acs, w = saved["window"]
+        self.window_start, self.loss_sum, self.acc_sum, self.window = int(ws), ls, acs, int(w)
+        self.epoch_sums = np.array(saved["epoch_sums"], dtype=np.float64)
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written; raised on every rank (the outcome is broadcast)."""
 
 
 @dataclass
@@ -58,13 +90,6 @@ class Phases:
         now = time.perf_counter()
         self.seconds[phase] += now - t0
         return now
-
-    def summary(self) -> str:
-        """One line: seconds per phase, and the share of step time spent in the collective."""
-        step = sum(self.seconds[p] for p in ("data", "compute", "comm", "optimizer"))
-        parts = ", ".join(f"{p} {s:.2f} s" for p, s in self.seconds.items())
-        share = 100 * self.seconds["comm"] / max(step, 1e-9)
-        return f"time per phase: {parts}; comm {share:.1f}% of step time"
 
 
 class Preemption:
@@ -116,8 +141,14 @@ class Console:
     def __init__(self, comm: Comm, log_path: str | None, resumed_step: int | None) -> None:
         self.on = comm.rank == 0
         self.log_path = log_path
-        if self.on and log_path and resumed_step is not None and Path(log_path).exists():
-            self._truncate_log(Path(log_path), resumed_step)
+        self.resumed_step = resumed_step
+
+    def continue_log(self) -> None:
+        """Once setup has succeeded (a refused resume leaves the log alone): drop the records
+        past the step resumed from."""
+        path, step = self.log_path, self.resumed_step
+        if self.on and path and step is not None and Path(path).exists():
+            self._truncate_log(Path(path), step)
 
     @staticmethod
     def _truncate_log(path: Path, step: int) -> None:
@@ -216,6 +247,8 @@ class Trainer:
         self.state = TrainState()
         self.phases = Phases()
         self.preempt = Preemption()
+        self.preempt.install()  # early, so a signal during setup is not fatal either
+        self.saved_step = -1  # step of the last ckpt-<step>.h5 written by this run
         self.fault = fault_from_env(comm.rank)
         self.steps_per_epoch = steps_per_epoch(len(self.train), cfg["batch_size"])
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
@@ -268,55 +301,63 @@ class Trainer:
         here, so a setup error on one rank cannot strand the others: see start()."""
         if resume is not None:
             self.state = TrainState(resume.step, resume.epoch, resume.offset, resume.best_val)
+            self.state.restore_log_state(resume.extra.get("log_state"))
         if self.comm.rank != 0:
             return
         if resume is None:
             self.model.init_params(self.cfg["seed"])
             return
-        ckpt.check_fits(resume, self.model.param_shapes, self.model.num_classes, str(path))
+        ckpt.check_fits(
+            resume,
+            self.model.param_shapes,
+            self.model.num_classes,
+            str(path),
+            self.model.input_shape,
+        )
         for name, view in self.model.param_views.items():
             view[...] = resume.params[name]
             self.velocity_views[name][...] = resume.velocity[name]
 
     def start(self) -> None:
         """MPI: rank 0's parameters and optimizer state become everyone's."""
+        self.console.continue_log()
         self.comm.bcast(self.model.params, 0, "initial parameters")
         self.comm.bcast(self.opt.velocity, 0, "optimizer state")
 
     # -- one step ---------------------------------------------------------------------------
 
-    def step(self, batch: np.ndarray) -> tuple[float, float, bool]:
-        """One optimizer step on the global batch (indices into train). Returns the global mean
-        loss, accuracy, and whether any rank asked to stop."""
-        cfg, comm, red, P = self.cfg, self.comm, self.red, self.n_params
+    def step(self, batch: np.ndarray) -> tuple[float, float, bool, bool]:
+        """One optimizer step on the global batch (indices into train).
+
+        Returns (global mean loss, accuracy, stop: a rank got a preemption signal, finite).
+        finite is False when the summed loss or gradient holds a NaN or Inf: a non-finite value
+        on any rank poisons the sum every rank receives, so every rank sees it, skips the update
+        (parameters and velocity unchanged) and returns False — the same decision everywhere
+        without an extra collective.
+        """
+        cfg, comm, red, P, model = self.cfg, self.comm, self.red, self.n_params, self.model
         n = len(batch)
-        # Flags every rank must agree on travel inside the step's one collective.
-        stop_flag = 1.0 if self.preempt.requested else 0.0
-        poison = self.fault is not None and self.fault == (self.state.step + 1, "nan")
         t = time.perf_counter()
+        fwd0, bwd0, comm0 = model.seconds["forward"], model.seconds["backward"], comm.comm_seconds
+        red[P + 2] = 1.0 if self.preempt.requested else 0.0
         if cfg["deterministic"]:
-            mine = self._deterministic_partial(batch)
-            t = self.phases.add("compute", t)
-            mine[P + 2] = stop_flag
-            if poison:
-                mine[0] = np.nan
-            # MPI: every rank's subtree, combined below in the same fixed order on every rank
-            comm.allgather(
-                mine, self.gathered, f"deterministic allgather, step {self.state.step + 1}"
-            )
-            self._combine_gathered()
+            self._deterministic_grads(batch)
         else:
             lo, hi = shard_bounds(n, comm.size, comm.rank)
             x = self.train.batch(batch[lo:hi], out=self.xbuf)
             labels = self.train.labels[batch[lo:hi]]
-            t = self.phases.add("data", t)
-            loss, correct = self.model.loss_and_grad(x, labels, scale=1.0 / n)
-            red[P], red[P + 1], red[P + 2] = loss, correct, stop_flag
-            if poison:
-                red[0] = np.nan
-            t = self.phases.add("compute", t)
+            loss, correct = model.loss_and_grad(x, labels, scale=1.0 / n)
+            red[P], red[P + 1] = loss, correct
+            self._maybe_inject_nan(red)
             comm.allreduce_sum(red, f"gradient allreduce, step {self.state.step + 1}")  # MPI
-        t = self.phases.add("comm", t)
+        now = time.perf_counter()
+        sec = self.phases.seconds
+        fwd, bwd = model.seconds["forward"] - fwd0, model.seconds["backward"] - bwd0
+        sec["forward"] += fwd
+        sec["backward"] += bwd
+        sec["comm"] += comm.comm_seconds - comm0
+        sec["data"] += (now - t) - fwd - bwd - (comm.comm_seconds - comm0)
+        t = now
         grads = red[:P]
         finite = bool(np.isfinite(red[: P + 2].sum()))
         if finite:
@@ -333,17 +374,20 @@ class Trainer:
             )
             self.opt.step(grads, lr)
         self.phases.add("optimizer", t)
-        return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0) or not finite
+        return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0), finite
 
-    def _deterministic_partial(self, batch: np.ndarray) -> np.ndarray:
-        """This rank's part of the fixed tree over DET_SHARDS micro-shards of the batch.
+    def _maybe_inject_nan(self, buf: np.ndarray) -> None:
+        """DISTCNN_FAULT=<rank>:<step>:nan: this rank's gradient turns NaN before the collective."""
+        if self.fault == (self.state.step + 1, "nan"):
+            buf[0] = np.nan
 
-        Leaf m is the gradient sum (scaled by 1/global batch) of micro-shard m; leaves are added
-        as a fixed binary tree, left + right. This rank owns a power-of-two aligned run of leaves,
-        so its partial sum is a subtree of the same tree whatever the rank count, and
-        _combine_gathered finishes the tree with the same pairwise additions on every rank. Same
-        additions in the same order: bitwise identical for 1, 2, 4 or 8 ranks.
-        Returns a buffer laid out like the reduce buffer (slot P + 2 is left to the caller).
+    def _deterministic_grads(self, batch: np.ndarray) -> None:
+        """Gradient sums of DET_SHARDS fixed micro-shards, added as a fixed binary tree.
+
+        This rank owns a power-of-two aligned run of leaves, so its partial sum is a subtree of
+        the same tree whatever the rank count; the ranks' subtrees are then allgathered and
+        combined by the same pairwise additions on every rank. Same additions, same order:
+        bitwise identical for 1, 2, 4 or 8 ranks.
         """
         comm, n, P = self.comm, len(batch), self.n_params
         per_rank = DET_SHARDS // comm.size
@@ -364,16 +408,14 @@ class Trainer:
                 buf, level = left, level + 1
             stack.append((level, buf))
         ((_, mine),) = stack
-        return mine
-
-    def _combine_gathered(self) -> None:
-        """The top of the tree: the ranks' subtrees (rank order) added pairwise into red."""
-        P = self.n_params
+        mine[P + 2] = self.red[P + 2]  # this rank's stop flag
+        self._maybe_inject_nan(mine)
+        comm.allgather(mine, self.gathered, f"deterministic allgather, step {self.state.step + 1}")
         parts = list(self.gathered)
         while len(parts) > 1:
             parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
         self.red[...] = parts[0]
-        self.red[P + 2] = self.gathered[:, P + 2].sum()  # stop flag: any rank's
+        self.red[P + 2] = self.gathered[:, P + 2].sum()
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -391,30 +433,43 @@ class Trainer:
             input_shape=self.model.input_shape,
             model=self.model.spec,
             config=self.cfg,
+            extra={"log_state": self.state.log_state()},
         )
 
     def save(self, best: bool = False) -> None:
-        """Rank 0 writes; everyone learns whether it worked (a failed save ends the job)."""
+        """Rank 0 writes ckpt-<step>.h5 (once per step) and, if best, best.h5; everyone learns
+        whether it worked, and a failed save raises SaveFailed on every rank."""
         t = time.perf_counter()
         err = ""
         if self.comm.rank == 0:
             d = Path(self.cfg["checkpoint_dir"])
             try:
                 state = self.checkpoint_state()
-                ckpt.save(d / ckpt.file_name(self.state.step), state)
-                ckpt.prune(d, self.cfg["keep"])
+                if self.saved_step != self.state.step:
+                    ckpt.save(d / ckpt.file_name(self.state.step), state)
+                    self.saved_step = self.state.step
+                    ckpt.prune(d, self.cfg["keep"])
                 if best:
                     ckpt.save(d / "best.h5", state)
-            except (OSError, ValueError) as e:
-                err = f"saving checkpoint at step {self.state.step} in {d} failed: {e}"
+            except Exception as e:  # disk full, directory gone, h5py errors: all end the job
+                err = f"saving the checkpoint of step {self.state.step} in {d} failed: {e}"
         err = self.comm.bcast_object(err, 0, "checkpoint outcome")  # MPI: same branch everywhere
         self.phases.add("checkpoint", t)
         if err:
-            raise RuntimeError(err + "; the previous checkpoint is intact")
+            raise SaveFailed(err + "; the previous checkpoint is intact")
 
     def run(self) -> int:
+        """Train to the step limit; the exit code (0 done or preempted, 1 too many bad steps)."""
+        if self.cfg["profile"]:
+            self.model.profile_layers()
+        first_step = self.state.step
+        code = self._train()
+        if self.cfg["profile"]:
+            self.console.print(self.profile_report(self.state.step - first_step))
+        return code
+
+    def _train(self) -> int:
         cfg, comm, st, con = self.cfg, self.comm, self.state, self.console
-        self.preempt.install()
         n_train = len(self.train)
         con.print(
             f"distcnn: {comm.size} rank(s), model {self.model.spec} ({self.n_params:,} params), "
@@ -425,35 +480,47 @@ class Trainer:
             con.print(f"already at step {st.step} of {self.total_steps}: nothing to do")
             return 0
         order = epoch_order(cfg["seed"], st.epoch, n_train)
+        prog = self.progress = Progress(con.on, self.total_steps, st.step, not cfg["no_progress"])
         t_log, imgs_since, t_epoch, imgs_epoch = time.perf_counter(), 0, time.perf_counter(), 0
-        loss_sum = acc_sum = 0.0
-        n_since = 0
+        epoch_sums = st.epoch_sums  # this epoch's loss * images, correct, images (finite steps)
+        mark_step, mark_phases = st.step, dict(self.phases.seconds)
+        bad_in_row = 0
         stop = False
         while st.step < self.total_steps and not stop:
             batch = order[st.offset : st.offset + cfg["batch_size"]]
             if self.fault and self.fault[0] == st.step + 1 and self.fault[1] != "nan":
                 inject_fault(self.fault[1], st.step + 1, comm.rank)
-            loss, acc, stop = self.step(batch)
-            if not math.isfinite(loss):
-                raise RuntimeError(f"non-finite loss at step {st.step + 1}")
+            loss, acc, stop, finite = self.step(batch)
+            # A skipped step still counts (the step counter, the data position and the schedule
+            # move on), so a bad batch is not retried forever and resuming stays exact.
             st.step += 1
             st.offset += len(batch)
             imgs_since += len(batch)
             imgs_epoch += len(batch)
-            loss_sum += loss
-            acc_sum += acc
-            n_since += 1
+            if finite:
+                bad_in_row = 0
+                st.loss_sum += loss
+                st.acc_sum += acc
+                st.window += 1
+                epoch_sums += (loss * len(batch), acc * len(batch), len(batch))
+            else:
+                bad_in_row += 1
+                if self._non_finite_step(bad_in_row):
+                    prog.close()
+                    return 1
             end_of_epoch = st.offset >= n_train
             last = st.step >= self.total_steps or stop
+            rec = None
             if st.step % cfg["log_every"] == 0 or last:
                 now = time.perf_counter()
+                steps = st.step - mark_step
                 rec = {
                     "kind": "step",
                     "time": time.time(),
                     "step": st.step,
                     "epoch": st.epoch + st.offset / n_train,
-                    "loss": loss_sum / n_since,
-                    "accuracy": acc_sum / n_since,
+                    "loss": st.loss_sum / st.window if st.window else None,
+                    "accuracy": st.acc_sum / st.window if st.window else None,
                     "lr": learning_rate(
                         cfg["lr_schedule"],
                         cfg["lr"],
@@ -462,35 +529,46 @@ class Trainer:
                         int(cfg["warmup_epochs"] * self.steps_per_epoch),
                     ),
                     "images_per_sec": imgs_since / max(1e-9, now - t_log),
+                    # mean seconds per step in each phase since the previous record (rank 0)
+                    "phase_seconds": {
+                        k: (self.phases.seconds[k] - mark_phases[k]) / steps for k in STEP_PHASES
+                    },
                 }
+                if st.window < st.step - st.window_start:
+                    rec["skipped_steps"] = st.step - st.window_start - st.window
                 con.record(rec)
-                if not cfg["no_progress"]:
-                    con.print(
-                        f"step {st.step:>6}/{self.total_steps}  epoch {rec['epoch']:.2f}  "
-                        f"loss {rec['loss']:.4f}  acc {rec['accuracy']:.4f}  lr {rec['lr']:.4g}  "
-                        f"{rec['images_per_sec']:.0f} img/s"
-                    )
-                t_log, imgs_since, loss_sum, acc_sum, n_since = now, 0, 0.0, 0.0, 0
+                t_log, imgs_since = now, 0
+                mark_step, mark_phases = st.step, dict(self.phases.seconds)
+                if st.step % cfg["log_every"] == 0:  # windows end at multiples of --log-every
+                    st.window_start, st.loss_sum, st.acc_sum, st.window = st.step, 0.0, 0.0, 0
+            prog.update(st.step, rec)
             if end_of_epoch:
                 st.epoch += 1
                 st.offset = 0
-                self._end_of_epoch(imgs_epoch, time.perf_counter() - t_epoch)
+                sums = epoch_sums.copy()
+                epoch_sums[:] = 0  # before _end_of_epoch, which may save (best.h5)
+                self._end_of_epoch(imgs_epoch, time.perf_counter() - t_epoch, sums)
                 t_epoch, imgs_epoch = time.perf_counter(), 0
                 order = epoch_order(cfg["seed"], st.epoch, n_train)
             if st.step % cfg["checkpoint_every"] == 0 and not last:
                 self._replica_check()
                 self.save()
+        prog.close()
         self._replica_check()
         self.save()
-        if cfg["profile"]:
-            con.print(self.phases.summary())
-        if stop and self.preempt.requested or stop:
-            con.print(f"stopped at step {st.step} on a signal; checkpoint saved, exiting 0")
+        if stop:
+            where = (
+                f"{self.preempt.signal_name} on rank 0"
+                if self.preempt.requested
+                else "a signal on another rank"
+            )
+            con.print(
+                f"preempted ({where}): stopped at step {st.step}, checkpoint "
+                f"{ckpt.file_name(st.step)} saved; exiting 0"
+            )
             return 0
         if self.test is not None:
-            t = time.perf_counter()
-            m = evaluate_split(self.model, self.test, comm, cfg["eval_batch_size"])
-            self.phases.add("eval", t)
+            m = self._evaluate(self.test)
             con.print(
                 f"test: loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f} ({m['samples']} images)"
             )
@@ -506,27 +584,78 @@ class Trainer:
             )
         return 0
 
-    def _end_of_epoch(self, images: int, seconds: float) -> None:
-        cfg, st = self.cfg, self.state
-        line = f"epoch {st.epoch}/{cfg['epochs']}  {images / max(seconds, 1e-9):.0f} img/s"
+    def _non_finite_step(self, in_row: int) -> bool:
+        """Report a skipped step (rank 0); True when --max-bad-steps in a row ends the run.
+
+        Every rank reaches the same verdict from the same reduced values, so all return the
+        same exit code with no collective; the newest checkpoint is left as it is (checkpoints
+        never hold non-finite values: checkpoint.save refuses them)."""
+        step, limit = self.state.step, self.cfg["max_bad_steps"]
+        if in_row < limit:
+            self.progress.warn(
+                f"warning: step {step}: non-finite loss or gradient on some rank; update skipped "
+                f"(parameters and momentum unchanged), {in_row} in a row of --max-bad-steps {limit}"
+            )
+            return False
+        first = step - in_row + 1
+        steps = f"steps {first} to {step}" if in_row > 1 else f"step {step}"
+        self.progress.warn(
+            f"error: non-finite loss or gradient at {steps} ({in_row} in a row, --max-bad-steps "
+            f"{limit}); stopped at step {step} without saving. Lower --lr, set --clip-norm or "
+            "check the data; checkpoints (if any) hold only finite values"
+        )
+        return True
+
+    def _evaluate(self, split: datamod.Split) -> dict[str, Any]:
+        """evaluate_split, timed as "eval" and kept out of the per-layer profile."""
+        t = time.perf_counter()
+        timers, self.model.layer_seconds = self.model.layer_seconds, None
+        m = evaluate_split(self.model, split, self.comm, self.cfg["eval_batch_size"])
+        self.model.layer_seconds = timers
+        self.phases.add("eval", t)
+        return m
+
+    def _end_of_epoch(self, images: int, seconds: float, sums: np.ndarray) -> None:
+        """The epoch's one summary line and epoch record; validation and best.h5 if there is a
+        validation split. sums: (loss * images, correct, images) over the epoch's finite steps
+        (restored from the checkpoint when the run resumed mid-epoch)."""
+        cfg, st, prog = self.cfg, self.state, self.progress
+        n = sums[2]
         rec: dict[str, Any] = {
             "kind": "epoch",
             "time": time.time(),
             "step": st.step,
             "epoch": st.epoch,
+            "loss": sums[0] / n if n else None,
+            "accuracy": sums[1] / n if n else None,
             "images_per_sec": images / max(seconds, 1e-9),
         }
+        line = f"epoch {st.epoch}/{cfg['epochs']}  step {st.step}/{self.total_steps}  "
+        line += f"train loss {fmt_metric(rec['loss'])} acc {fmt_metric(rec['accuracy'])}  "
         if self.val is not None:
-            t = time.perf_counter()
-            m = evaluate_split(self.model, self.val, self.comm, cfg["eval_batch_size"])
-            self.phases.add("eval", t)
+            m = self._evaluate(self.val)
             rec.update(val_loss=m["loss"], val_accuracy=m["accuracy"])
-            line += f"  val loss {m['loss']:.4f}  val acc {m['accuracy']:.4f}"
+            line += f"val loss {m['loss']:.4f} acc {m['accuracy']:.4f}  "
             if m["accuracy"] > st.best_val:
                 st.best_val = m["accuracy"]
                 self.save(best=True)
+                line += "(best) "
+        rec.update(elapsed=prog.elapsed(), eta=prog.eta(st.step))
         self.console.record(rec)
-        self.console.print(line)
+        prog.line(
+            line + f"{rec['images_per_sec']:.0f} img/s  elapsed {hms(rec['elapsed'])}  "
+            f"eta {hms(rec['eta'])}"
+        )
+
+    def profile_report(self, steps: int) -> str:
+        """The --profile table of this rank's phases and per-layer times over `steps` steps."""
+        layers = []
+        if self.model.layer_seconds is not None:
+            for i, (layer, (f, b)) in enumerate(
+                zip(self.model.layers, self.model.layer_seconds, strict=True)
+            ):
+                layers.append((f"{i + 1:>2} {layer.name or layer.describe()}", float(f), float(b)))
+        return profile_table(self.phases.seconds, steps, layers)
 
     def _replica_check(self) -> None:
         bad = self.comm.check_replicas(self.model.params)  # MPI
