@@ -3,7 +3,7 @@ bitwise, replicas stay identical (and a divergent one is caught), a failure on a
 whole job within seconds naming that rank, only rank 0 writes files, and bad usage exits 2 once.
 
 The shared dataset has 100 train samples and the runs use a global batch of 11 for 25 steps:
-- 11 is prime, so 2, 3 and 4 ranks all split a full batch unevenly (6/5, 4/4/3, 3/3/3/2 samples);
+- 11 is prime, so 2, 3 and 4 ranks all split a full batch unevenly (5/6, 3/4/4, 2/3/3/3 samples);
 - 100 = 9 * 11 + 1, so every epoch ends with a ragged batch of ONE sample (steps 10 and 20): that
   batch leaves every rank but the last with an empty shard, which must still join the collective
   with a zero gradient, and the gradient must be the mean over 1 sample, not over 11;
@@ -36,13 +36,13 @@ BATCH, SAMPLES, STEPS = 11, 100, 25
 FAULT_LIMIT = 15.0  # seconds: a failing rank must end the job within this (the issue's bound)
 
 
-def train_args(data: Path, extra: list[str] = ()) -> list[str]:
+def train_args(data: Path, extra: list[str] | None = None) -> list[str]:
     """Relative --checkpoint-dir and --log, so each run writes into its own cwd."""
     return [
         "--data", str(data), "--model", TINY_SPEC, "--batch-size", str(BATCH),
         "--max-steps", str(STEPS), "--seed", "3", "--checkpoint-dir", "ck",
         "--checkpoint-every", "10", "--keep", "2", "--log", "log.jsonl", "--log-every", "5",
-        "--no-progress", *extra,
+        "--no-progress", *(extra or []),
     ]  # fmt: skip
 
 
