@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from distcnn.comm import Comm, run_or_abort
 
-    comm = Comm(world, timeout=None)
+    # The watchdog guards setup too (a rank stuck reading a checkpoint on a stalled file
+    # system); the resolved --collective-timeout replaces this once the config is known.
+    early = flags.get("collective_timeout", config.DEFAULTS["collective_timeout"])
+    comm = Comm(world, timeout=early if early > 0 else config.DEFAULTS["collective_timeout"])
     return run_or_abort(lambda: _run(flags, comm, n_threads, source), comm)
 
 
