@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distcnn.errors import UsageError
+from distcnn.fused import ConvPool, fits
 from distcnn.layers import (
     AvgPool2d,
     Conv2d,
@@ -257,16 +258,34 @@ class Model:
         self._spec_index = [
             next(k for k, m in enumerate(self.layers) if m is layer) for layer in plan
         ]
+        # conv index -> ConvPool block running that conv, the pool after it and the in-place
+        # relus after the pool; the pool and relu steps are then skipped.
+        self._blocks: dict[int, ConvPool] = {}
+        self._skip: dict[int, int] = {}  # skipped plan index -> the block's conv index
+        for i in range(len(plan) - 1):
+            conv, pool = plan[i], plan[i + 1]
+            if isinstance(conv, Conv2d) and isinstance(pool, MaxPool2d) and fits(conv, pool):
+                j = i + 2
+                while j < len(plan) and isinstance(plan[j], ReLU) and plan[j].inplace:
+                    j += 1
+                self._blocks[i] = ConvPool(conv, pool, relu=j > i + 2)
+                self._skip.update({r: i for r in range(i + 1, j)})
+        in_block = {id(plan[i]) for i in [*self._blocks, *self._skip]}
         self._feeds: dict[int, Conv2d] = {}  # pool index -> the conv whose input grid it fills
         self._on_grid: dict[int, Conv2d] = {}  # pool index -> the conv whose output it pools
         self._span: dict[int, Conv2d] = {}  # relu index -> the conv whose whole grid it rectifies
         for i, layer in enumerate(plan):
-            if not (isinstance(layer, MaxPool2d) and layer.pairwise):
+            if not (isinstance(layer, MaxPool2d) and layer.pairwise) or id(layer) in in_block:
                 continue
             j = i + 1
             while j < len(plan) and isinstance(plan[j], ReLU) and plan[j].inplace:
                 j += 1
-            if j < len(plan) and isinstance(plan[j], Conv2d) and plan[j].grid:
+            if (
+                j < len(plan)
+                and isinstance(plan[j], Conv2d)
+                and plan[j].grid
+                and id(plan[j]) not in in_block
+            ):
                 self._feeds[i] = plan[j]
                 for r in range(i + 1, j):
                     self._span[r] = plan[j]
@@ -286,11 +305,16 @@ class Model:
                 t = time.perf_counter()
                 x = self._forward_one(i, layer, x, n)
                 timed[self._spec_index[i], 0] += time.perf_counter() - t
+                self._move_pool_seconds(i, 0)
         self._n = n
         return x
 
     def _forward_one(self, i: int, layer: Layer, x: np.ndarray, n: int) -> np.ndarray:
         """Run plan step i, letting it read from or write into a neighbour's buffers."""
+        if i in self._skip:
+            return x  # done by the ConvPool block before it
+        if i in self._blocks:
+            return self._blocks[i].forward(x)
         feeds, conv = self._feeds.get(i), self._on_grid.get(i)
         if conv is not None:
             g = conv.grids()
@@ -314,9 +338,23 @@ class Model:
                 t = time.perf_counter()
                 d = self._backward_one(i, d)
                 timed[self._spec_index[i], 1] += time.perf_counter() - t
+                self._move_pool_seconds(i, 1)
+
+    def _move_pool_seconds(self, i: int, way: int) -> None:
+        """Profiling: book a ConvPool block's pool (and relu) time to its pool, not its conv."""
+        block = self._blocks.get(i)
+        if block is not None and self.layer_seconds is not None:
+            pool_index = next(j for j, c in self._skip.items() if c == i)
+            seconds = block.pool_seconds[way]
+            self.layer_seconds[self._spec_index[i], way] -= seconds
+            self.layer_seconds[self._spec_index[pool_index], way] += seconds
 
     def _backward_one(self, i: int, d: np.ndarray | None) -> np.ndarray | None:
         layer = self._plan[i]
+        if i in self._skip:
+            return d  # done by the ConvPool block before it
+        if i in self._blocks:
+            return self._blocks[i].backward(d, need_dx=i > 0)
         conv = self._on_grid.get(i)
         if conv is not None:
             layer.backward_grid(d, conv.grids()["dy"])

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from distcnn import naive
+from distcnn.fused import ConvPool, fits
 from distcnn.layers import Conv2d, MaxPool2d, ReLU
-from distcnn.model import Model
+from distcnn.model import REFERENCE_SPEC, Model
 
 TOL = {np.float32: {"rtol": 1e-4, "atol": 1e-5}, np.float64: {"rtol": 1e-10, "atol": 1e-10}}
 
@@ -204,3 +205,49 @@ def test_bench_smoke_prints_every_section():
     ):
         assert header in proc.stdout, header
     assert "distcnn  " in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("in_shape", [(1, 28, 28), (3, 6, 4), (2, 2, 2)])
+def test_convpool_block_matches_naive(in_shape, relu, dtype):
+    """conv 3x3 same -> 2x2 max-pool [-> relu] on polyphase grids gives the naive numbers,
+    forward and every gradient, with pool ties (integer inputs and weights), for batch sizes
+    that grow and shrink (1, 7, 3) so the grids are re-laid out."""
+    rng = np.random.default_rng(6)
+    conv, params, grads = bound_conv(in_shape, 3, 3, "same", dtype, rng)
+    pool = MaxPool2d(conv.out_shape, kernel=2, dtype=dtype)
+    assert fits(conv, pool)
+    block = ConvPool(conv, pool, relu)
+    for n in (1, 7, 3):
+        for ties in (True, False):
+            if ties:
+                x = rng.integers(-1, 2, size=(n, *in_shape)).astype(dtype)
+                params["weight"][...] = rng.integers(-1, 2, size=params["weight"].shape)
+            else:
+                x = rng.standard_normal((n, *in_shape)).astype(dtype)
+                params["weight"][...] = rng.standard_normal(params["weight"].shape)
+            params["bias"][...] = rng.integers(-1, 2, size=params["bias"].shape)
+            y = block.forward(x)
+            c_ref = naive.conv2d_forward_naive(x, params["weight"], params["bias"], (1, 1), (1, 1))
+            p_ref = naive.maxpool_forward_naive(c_ref, (2, 2), (2, 2))
+            ref = naive.relu_forward_naive(p_ref) if relu else p_ref
+            np.testing.assert_allclose(y, ref, **TOL[dtype])
+            dy = rng.integers(1, 5, size=y.shape).astype(dtype)
+            dx = block.backward(dy)
+            dp = naive.relu_backward_naive(p_ref, dy) if relu else dy
+            dc = naive.maxpool_backward_naive(c_ref, (2, 2), (2, 2), dp)
+            dx_ref, dw_ref, db_ref = naive.conv2d_backward_naive(
+                x, params["weight"], (1, 1), (1, 1), dc
+            )
+            np.testing.assert_allclose(dx, dx_ref, **TOL[dtype])
+            np.testing.assert_allclose(grads["weight"], dw_ref, **TOL[dtype])
+            np.testing.assert_allclose(grads["bias"], db_ref, **TOL[dtype])
+            assert block.backward(dy, need_dx=False) is None
+            np.testing.assert_allclose(grads["weight"], dw_ref, **TOL[dtype])
+
+
+def test_model_uses_convpool_blocks_for_the_reference_model():
+    model = Model(REFERENCE_SPEC, (1, 28, 28), 10)
+    assert sorted(model._blocks) == [0, 3]  # conv1 and conv2 (plan: conv, pool, relu, ...)
+    assert all(block.relu for block in model._blocks.values())
