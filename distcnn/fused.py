@@ -10,16 +10,18 @@ its four phases, p[pr, pc][a, b] = conv[2a + pr, 2b + pc]. The pool is then thre
 maxima over four (F, P) planes, and its backward is six contiguous multiplies. The stride-2
 passes move to the conv input, which is 16x (conv1) or 2x (conv2) smaller than the conv output.
 
-Layout (P = N * Hp * Wp, Hp = H/2 + 1, Wp = W/2 + 1):
-* input phase grids xp (4, C, P + slack): input pixel (n, 2u + sr, 2v + sc) sits in phase
-  sr*2 + sc at (n*Hp + u + 1)*Wp + v + 1. Row 0 and column 0 of every image block are zero, a
-  border shared with the previous image or row.
-* output phases o (F, 4, P): conv output (n, 2a + pr, 2b + pc) at [:, pr*2 + pc, (n*Hp + a)*Wp + b].
-  Row a = H/2 and column b = W/2 are computed and ignored.
+Layout (P = N * H/2 * W/2, phases without borders, so no GEMM column is wasted):
+* input phase grids xp (4, C, E + P + E), E = W/2 + 1: input pixel (n, 2u + sr, 2v + sc) sits
+  in phase sr*2 + sc at E + (n*H/2 + u)*W/2 + v; the E-wide ends only catch shifted reads.
+* output phases o (F, 4, P): conv output (n, 2a + pr, 2b + pc) at [:, pr*2 + pc, (n*H/2 + a)*W/2
+  + b].
 Output phase (pr, pc) at kernel offset (i, j) reads input row 2a + pr + i - 1 = 2(a + du) + sr
-with di = pr + i - 1, sr = di mod 2, du = di // 2 in {-1, 0, 1}. That is the contiguous slice of
-input phase (sr, sc) at offset (du + 1)*Wp + dv + 1, so im2col is 36 contiguous copies and
-col2im 36 contiguous adds.
+with di = pr + i - 1, sr = di mod 2, du = di // 2 in {-1, 0, 1}, and likewise column dv, sc:
+the slice of input phase (sr, sc) shifted by du*W/2 + dv, so im2col is 36 contiguous copies and
+col2im 36 contiguous adds. A shifted slice wraps at image edges (row a + du or column b + dv
+outside the image reads a neighbour instead of the zero padding), so four assignments zero those
+im2col entries (all taps with du = -1 at row 0, du = 1 at the last row, likewise columns), and
+the same entries of the column gradient before col2im.
 Ties in the pool go to the first maximum in row-major window order, as in MaxPool2d.
 """
 
@@ -49,7 +51,8 @@ class ConvPool:
     """conv (3x3, stride 1, pad 1) -> 2x2/2 max-pool [-> relu] on polyphase grids.
 
     forward(x (N, C, H, W)) -> (N, F, H/2, W/2), a view of a workspace;
-    backward(dy, need_dx) -> dx (N, C, H, W) or None, overwriting the conv's gradients.
+    backward(dy, need_dx, overwrite_dy) -> dx (N, C, H, W) or None, overwriting the conv's
+    gradients.
     `pool_seconds` holds the seconds the last forward and backward spent in the pool and relu.
     """
 
@@ -61,25 +64,23 @@ class ConvPool:
         self.pool_seconds = [0.0, 0.0]
 
     def _dims(self, n: int) -> tuple[int, int, int, int]:
-        """(Hp, Wp, P, slack)."""
+        """(H/2, W/2, P, E)."""
         _, h, w = self.conv.in_shape
-        hp, wp = h // 2 + 1, w // 2 + 1
-        return hp, wp, n * hp * wp, 2 * wp + 2
+        return h // 2, w // 2, n * (h // 2) * (w // 2), w // 2 + 1
 
     def _layout(self, n: int) -> None:
-        """Zero the borders and ignored positions for batch n (they then stay zero)."""
+        """Zero the ends of the phase grids and set the bias row for batch n."""
         if n == self._n:
             return
-        c, f = self.conv.in_shape[0], self.conv.filters
-        _, _, p, slack = self._dims(n)
-        self.ws.get("xp", (4, c, p + slack))[...] = 0
-        self.ws.get("d", (f, p))[...] = 0
+        c = self.conv.in_shape[0]
+        _, _, p, e = self._dims(n)
+        self.ws.get("xp", (4, c, p + 2 * e))[...] = 0
         self.ws.get("cols", (9 * c + 1, 4 * p))[9 * c] = 1  # last row: ones, for the bias
         self._n = n
 
     def _taps(self) -> list[tuple[int, int, int, int, int]]:
-        """(output phase, i, j, input phase, offset) for every output phase and kernel offset."""
-        _, wp, _, _ = self._dims(1)
+        """(output phase, i, j, input phase, shift) for every output phase and kernel offset."""
+        _, w2, _, _ = self._dims(1)
         taps = []
         for pr in range(2):
             for pc in range(2):
@@ -87,25 +88,36 @@ class ConvPool:
                     for j in range(3):
                         du, sr = divmod(pr + i - 1, 2)
                         dv, sc = divmod(pc + j - 1, 2)
-                        taps.append((pr * 2 + pc, i, j, sr * 2 + sc, (du + 1) * wp + dv + 1))
+                        taps.append((pr * 2 + pc, i, j, sr * 2 + sc, du * w2 + dv))
         return taps
+
+    def _zero_wrapped(self, cols: np.ndarray, n: int) -> None:
+        """Zero the entries of cols (9C[+1], 4P) whose shifted read wrapped past an image edge."""
+        c = self.conv.in_shape[0]
+        h2, w2, _, _ = self._dims(n)
+        g = cols[: 9 * c].reshape(c, 3, 3, 4, n, h2, w2)  # [c, i, j, phase, n, a, b]
+        g[:, 0, :, 0:2, :, 0, :] = 0  # pr = 0, i = 0: du = -1 at row 0
+        g[:, 2, :, 2:4, :, h2 - 1, :] = 0  # pr = 1, i = 2: du = 1 at the last row
+        g[:, :, 0, 0::2, :, :, 0] = 0  # pc = 0, j = 0: dv = -1 at column 0
+        g[:, :, 2, 1::2, :, :, w2 - 1] = 0  # pc = 1, j = 2: dv = 1 at the last column
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         conv = self.conv
         n = x.shape[0]
         c, h, w = conv.in_shape
         f, k = conv.filters, 9 * c
-        hp, wp, p, slack = self._dims(n)
+        h2, w2, p, e = self._dims(n)
         self._layout(n)
-        xp = self.ws.get("xp", (4, c, p + slack))
+        xp = self.ws.get("xp", (4, c, p + 2 * e))
         xt = x.transpose(1, 0, 2, 3)  # (C, N, H, W)
-        for s in range(4):  # deinterleave the input into its four phase grids
+        for s in range(4):  # deinterleave the input into its four phases
             sr, sc = divmod(s, 2)
-            xp[s, :, :p].reshape(c, n, hp, wp)[:, :, 1:, 1:] = xt[:, :, sr::2, sc::2]
+            xp[s, :, e : e + p].reshape(c, n, h2, w2)[...] = xt[:, :, sr::2, sc::2]
         cols = self.ws.get("cols", (k + 1, 4 * p))  # (9C + 1, 4P), last row ones
         c5 = cols[:k].reshape(c, 3, 3, 4, p)
-        for q, i, j, s, off in self._taps():
-            c5[:, i, j, q] = xp[s, :, off : off + p]
+        for q, i, j, s, shift in self._taps():
+            c5[:, i, j, q] = xp[s, :, e + shift : e + shift + p]
+        self._zero_wrapped(cols, n)
         wb = self.ws.get("wb", (f, k + 1))  # [weight | bias]
         wb[:, :k] = conv.p["weight"].reshape(f, k)
         wb[:, k] = conv.p["bias"]
@@ -127,34 +139,37 @@ class ConvPool:
         if self.relu:
             np.maximum(y, 0, out=y)
         self.pool_seconds[0] = time.perf_counter() - t
-        return y.reshape(f, n, hp, wp)[:, :, : h // 2, : w // 2].transpose(1, 0, 2, 3)
+        return y.reshape(f, n, h2, w2).transpose(1, 0, 2, 3)
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+    def backward(
+        self, dy: np.ndarray, need_dx: bool = True, overwrite_dy: bool = False
+    ) -> np.ndarray | None:
+        """overwrite_dy: dy is scratch the block may use (the Model passes its workspaces)."""
         conv = self.conv
         n = self._n
         c, h, w = conv.in_shape
         f, k = conv.filters, 9 * c
-        hp, wp, p, slack = self._dims(n)
+        h2, w2, p, e = self._dims(n)
         t = time.perf_counter()
-        d = self.ws.get("d", (f, p))  # dL/dy on the phase grid, zero at ignored positions
-        d.reshape(f, n, hp, wp)[:, :, : h // 2, : w // 2] = dy.transpose(1, 0, 2, 3)
+        d = dy.transpose(1, 0, 2, 3).reshape(f, p)  # dL/dy (F, P): a view when dy allows
+        if not (overwrite_dy and d.flags.writeable and np.shares_memory(d, dy)):
+            d = self.ws.get("d", (f, p))
+            d.reshape(f, n, h2, w2)[...] = dy.transpose(1, 0, 2, 3)
         if self.relu:
             mask = self.ws.get("mask", (f, p), np.bool_)
             np.greater(self.ws.get("y", (f, p)), 0, out=mask)
             np.multiply(d, mask, out=d)
-        low = self.ws.get("low", (f, p), np.bool_)
-        not_mask = self.ws.get("not", (f, p), np.bool_)
-        half = self.ws.get("top", (f, p))  # forward's scratch, reused
+        # Route d to the chosen input of each window: x * mask, and x - x * mask for the other
+        # side (exact for finite x), into the four output phases.
         dyg = self.ws.get("dyg", (f, 4 * p)).reshape(f, 4, p)  # dL/d(output phases)
-        for wins, rows in ((low, (2, 3)), (None, (0, 1))):
-            if wins is None:  # the top pair gets d where the bottom pair did not win
-                wins = np.logical_not(low, out=not_mask)
-                right = self.ws.get("rt", (f, p), np.bool_)
-            else:
-                right = self.ws.get("rb", (f, p), np.bool_)
-            np.multiply(d, wins, out=half)
-            np.multiply(half, right, out=dyg[:, rows[1]])
-            np.multiply(half, np.logical_not(right, out=not_mask), out=dyg[:, rows[0]])
+        low = self.ws.get("low", (f, p), np.bool_)
+        bottom = self.ws.get("top", (f, p))  # forward's scratch, reused
+        np.multiply(d, low, out=bottom)
+        np.subtract(d, bottom, out=d)  # d is now the top pair's share
+        np.multiply(bottom, self.ws.get("rb", (f, p), np.bool_), out=dyg[:, 3])
+        np.subtract(bottom, dyg[:, 3], out=dyg[:, 2])
+        np.multiply(d, self.ws.get("rt", (f, p), np.bool_), out=dyg[:, 1])
+        np.subtract(d, dyg[:, 1], out=dyg[:, 0])
         self.pool_seconds[1] = time.perf_counter() - t
         dyg2 = dyg.reshape(f, 4 * p)
         cols = self.ws.get("cols", (k + 1, 4 * p))
@@ -166,13 +181,14 @@ class ConvPool:
             return None
         dcols = self.ws.get("dcols", (k, 4 * p))
         np.matmul(conv.p["weight"].reshape(f, k).T, dyg2, out=dcols)
+        self._zero_wrapped(dcols, n)
         d5 = dcols.reshape(c, 3, 3, 4, p)
-        dxp = self.ws.get("dxp", (4, c, p + slack))
+        dxp = self.ws.get("dxp", (4, c, p + 2 * e))
         dxp[...] = 0
-        for q, i, j, s, off in self._taps():  # col2im
-            dxp[s, :, off : off + p] += d5[:, i, j, q]
+        for q, i, j, s, shift in self._taps():  # col2im
+            dxp[s, :, e + shift : e + shift + p] += d5[:, i, j, q]
         dx = self.ws.get("dx", (c, n, h, w))
         for s in range(4):  # interleave the phases back
             sr, sc = divmod(s, 2)
-            dx[:, :, sr::2, sc::2] = dxp[s, :, :p].reshape(c, n, hp, wp)[:, :, 1:, 1:]
+            dx[:, :, sr::2, sc::2] = dxp[s, :, e : e + p].reshape(c, n, h2, w2)
         return dx.transpose(1, 0, 2, 3)

@@ -354,7 +354,7 @@ class Model:
         if i in self._skip:
             return d  # done by the ConvPool block before it
         if i in self._blocks:
-            return self._blocks[i].backward(d, need_dx=i > 0)
+            return self._blocks[i].backward(d, need_dx=i > 0, overwrite_dy=True)
         conv = self._on_grid.get(i)
         if conv is not None:
             layer.backward_grid(d, conv.grids()["dy"])
