@@ -38,6 +38,9 @@ from distcnn.layers import (
 REFERENCE_SPEC = "conv:16:3,relu,maxpool:2,conv:32:3,relu,maxpool:2,flatten,dense:128,relu,dense"
 
 _NAME_PREFIX = {"conv": "conv", "dense": "fc"}
+# Activation bytes per loss_and_grad pass (Model.sub_batch): the reference model runs up to 79
+# images per pass; 64 per pass measured fastest at 1 thread (docs/performance.md).
+SUB_BATCH_BYTES = 48 << 20
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,9 @@ class Model:
         # backward; None otherwise, so the normal path pays for no per-layer clock reads.
         self.layer_seconds: np.ndarray | None = None
         self._n = 0
+        # loss_and_grad runs batches bigger than this many bytes of activations in sub-batches.
+        self.sub_batch_bytes = SUB_BATCH_BYTES
+        self._grad_sum: np.ndarray | None = None
         self._plan_execution()
 
     def views_of(self, flat: np.ndarray) -> dict[str, np.ndarray]:
@@ -370,9 +376,52 @@ class Model:
 
         Returns (sum of per-sample losses, number correct). An empty batch gives zero gradients.
         """
-        if x.shape[0] == 0:
+        n = x.shape[0]
+        if n == 0:
             self.grads[...] = 0
             return 0.0, 0
+        step = self.sub_batch(n)
+        if step >= n:
+            return self._loss_and_grad(x, labels, scale)
+        # Sub-batches of `step` images, gradients summed: the same gradient up to rounding, with
+        # a working set that stays in cache. A function of n only, so --deterministic holds.
+        acc = self._grad_sum
+        if acc is None or acc.size != self.num_params:
+            acc = self._grad_sum = np.empty_like(self.grads)
+        loss, correct = 0.0, 0
+        for s in range(0, n, step):
+            part_loss, part_correct = self._loss_and_grad(
+                x[s : s + step], labels[s : s + step], scale
+            )
+            loss += part_loss
+            correct += part_correct
+            if s == 0:
+                acc[...] = self.grads
+            else:
+                acc += self.grads
+        self.grads[...] = acc
+        return loss, correct
+
+    def sub_batch(self, n: int) -> int:
+        """Images per forward/backward pass in loss_and_grad for a batch of n: as many as keep
+        the estimated activations (`activation_bytes` per image) within `sub_batch_bytes`, split
+        evenly (e.g. 64 and 65 images run as 2 passes of 32 and 33)."""
+        most = max(1, self.sub_batch_bytes // self.activation_bytes())
+        passes = -(-n // most)
+        return -(-n // passes)
+
+    def activation_bytes(self) -> int:
+        """Rough bytes one image keeps live during a training step: each layer's output and its
+        gradient, plus a convolution's im2col columns and their gradient."""
+        total = 0
+        for layer in self.layers:
+            out = math.prod(layer.out_shape)
+            total += 2 * out
+            if isinstance(layer, Conv2d):
+                total += 2 * math.prod(layer.param_shapes()["weight"][1:]) * out // layer.filters
+        return total * self.dtype.itemsize
+
+    def _loss_and_grad(self, x: np.ndarray, labels: np.ndarray, scale: float) -> tuple[float, int]:
         t0 = time.perf_counter()
         logits = self.forward(x)
         if self._dlogits is None or self._dlogits.shape[0] < logits.shape[0]:

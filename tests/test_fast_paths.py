@@ -251,3 +251,29 @@ def test_model_uses_convpool_blocks_for_the_reference_model():
     model = Model(REFERENCE_SPEC, (1, 28, 28), 10)
     assert sorted(model._blocks) == [0, 3]  # conv1 and conv2 (plan: conv, pool, relu, ...)
     assert all(block.relu for block in model._blocks.values())
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 130])
+def test_sub_batches_give_the_whole_batch_gradient(n):
+    """loss_and_grad in sub-batches (ragged last one included) sums to the one-pass gradient,
+    loss and accuracy; the split depends on n only."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((n, 1, 12, 12)).astype(np.float32)
+    x[x < 0.5] = 0  # pool ties, as on MNIST backgrounds
+    labels = rng.integers(0, 10, size=n)
+    whole = Model(REFERENCE_SPEC, (1, 12, 12), 10)
+    split = Model(REFERENCE_SPEC, (1, 12, 12), 10)
+    whole.init_params(3)
+    split.init_params(3)
+    whole.sub_batch_bytes = 1 << 40
+    split.sub_batch_bytes = 9 * split.activation_bytes()  # passes of at most 9 images
+    assert whole.sub_batch(n) == n
+    assert split.sub_batch(n) == min(n, -(-n // -(-n // 9)))
+    loss_w, correct_w = whole.loss_and_grad(x, labels, scale=1.0 / n)
+    loss_s, correct_s = split.loss_and_grad(x, labels, scale=1.0 / n)
+    assert correct_s == correct_w
+    np.testing.assert_allclose(loss_s, loss_w, rtol=1e-5)
+    np.testing.assert_allclose(split.grads, whole.grads, rtol=1e-4, atol=1e-6)
+    again = split.grads.copy()
+    split.loss_and_grad(x, labels, scale=1.0 / n)
+    np.testing.assert_array_equal(split.grads, again)  # bitwise repeatable
