@@ -33,6 +33,21 @@ import numpy as np
 
 from distcnn.layers import Conv2d, MaxPool2d, Workspace
 
+# GEMMs with a short inner dimension (conv1: 9 taps + bias) run in column blocks of about this
+# many bytes of [columns; outputs]: OpenBLAS (1 thread) then takes 0.27 instead of 0.42-0.51 ms
+# for conv1's forward at batch 64 and 0.37 instead of 0.6 ms for its weight gradient. Longer
+# inner dimensions (conv2: 145) gain nothing from it (docs/performance.md).
+SHORT_K = 32
+BLOCK_BYTES = 448 << 10
+
+
+def column_blocks(k: int, f: int, m: int, itemsize: int) -> list[tuple[int, int]]:
+    """Column ranges [a, b) for a GEMM of (f, k) @ (k, m): one block unless k <= SHORT_K."""
+    if k > SHORT_K:
+        return [(0, m)]
+    step = max(1, BLOCK_BYTES // ((k + f) * itemsize))
+    return [(a, min(m, a + step)) for a in range(0, m, step)]
+
 
 def fits(conv: Conv2d, pool: MaxPool2d) -> bool:
     """True when conv -> pool can run as a ConvPool block."""
@@ -122,7 +137,8 @@ class ConvPool:
         wb[:, :k] = conv.p["weight"].reshape(f, k)
         wb[:, k] = conv.p["bias"]
         o = self.ws.get("o", (f, 4 * p))  # (F, 4P): the four output phases
-        np.matmul(wb, cols, out=o)
+        for lo, hi in column_blocks(k + 1, f, 4 * p, o.itemsize):
+            np.matmul(wb, cols[:, lo:hi], out=o[:, lo:hi])
         t = time.perf_counter()
         o3 = o.reshape(f, 4, p)
         right_top = self.ws.get("rt", (f, p), np.bool_)
@@ -174,7 +190,11 @@ class ConvPool:
         dyg2 = dyg.reshape(f, 4 * p)
         cols = self.ws.get("cols", (k + 1, 4 * p))
         gwb = self.ws.get("gwb", (k + 1, f))  # [dL/dweight^T ; dL/dbias]
-        np.matmul(cols, dyg2.T, out=gwb)
+        part = self.ws.get("gwb_part", (k + 1, f))
+        for idx, (lo, hi) in enumerate(column_blocks(k + 1, f, 4 * p, gwb.itemsize)):
+            np.matmul(cols[:, lo:hi], dyg2[:, lo:hi].T, out=part if idx else gwb)
+            if idx:
+                gwb += part
         conv.g["weight"].reshape(f, k)[...] = gwb[:k].T
         conv.g["bias"][...] = gwb[k]
         if not need_dx:
