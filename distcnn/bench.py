@@ -455,4 +455,6 @@ def report(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distcnn.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from distcnn.errors import UsageError
+from distcnn.errors import ArgumentParser, UsageError
 
 DEFAULTS: dict[str, Any] = {
     "data": None,  # None: the shipped data/mnist.h5
@@ -61,13 +61,8 @@ NON_TRAJECTORY = {
 SCHEDULES = ("constant", "cosine", "step")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2
-        raise UsageError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m distcnn.train",
         description="Train a CNN with data-parallel SGD; run under mpirun -n N for N ranks.",
         argument_default=argparse.SUPPRESS,  # so we know which flags were given

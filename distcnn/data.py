@@ -41,7 +41,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from distcnn.errors import UsageError
+from distcnn.errors import ArgumentParser, UsageError
 
 # The shipped default dataset (`--data` default); resolved next to the package in a source checkout.
 DEFAULT_DATASET = Path(__file__).resolve().parent.parent / "data" / "mnist.h5"
@@ -789,14 +789,6 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors become UsageError (exit 2, one `error:` line last)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        raise UsageError(f"{message}: see {self.prog} --help")
-
-
 def _parse_shape(text: str) -> tuple[int, int, int]:
     parts = text.split(",")
     try:
@@ -811,7 +803,7 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m distcnn.data",
         description="Build distcnn HDF5 dataset files and summarise dataset or checkpoint files.",
     )
@@ -975,4 +967,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distcnn.errors import run_cli
+
+    sys.exit(run_cli(main))

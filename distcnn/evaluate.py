@@ -153,4 +153,6 @@ def _run(args: argparse.Namespace, comm: Any) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distcnn.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -227,4 +227,6 @@ def _dry_run(cfg: dict[str, Any], n_threads: int, thread_source: str, ranks: int
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distcnn.errors import run_cli
+
+    sys.exit(run_cli(main))
