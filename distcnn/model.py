@@ -38,9 +38,11 @@ from distcnn.layers import (
 REFERENCE_SPEC = "conv:16:3,relu,maxpool:2,conv:32:3,relu,maxpool:2,flatten,dense:128,relu,dense"
 
 _NAME_PREFIX = {"conv": "conv", "dense": "fc"}
-# Activation bytes per loss_and_grad pass (Model.sub_batch): the reference model runs up to 79
-# images per pass; 64 per pass measured fastest at 1 thread (docs/performance.md).
+# loss_and_grad passes (Model.sub_batch): at most SUB_BATCH_BYTES of activations, but at least
+# PASS_PARAM_RATIO x the parameter bytes. The reference model then runs up to 84 images per pass
+# at any image size; 64 per pass measured fastest at 1 thread (docs/performance.md).
 SUB_BATCH_BYTES = 48 << 20
+PASS_PARAM_RATIO = 64
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ class Model:
         self._n = 0
         # loss_and_grad runs batches bigger than this many bytes of activations in sub-batches.
         self.sub_batch_bytes = SUB_BATCH_BYTES
+        self.pass_param_ratio = PASS_PARAM_RATIO
         self._grad_sum: np.ndarray | None = None
         self._plan_execution()
 
@@ -405,8 +408,13 @@ class Model:
     def sub_batch(self, n: int) -> int:
         """Images per forward/backward pass in loss_and_grad for a batch of n: as many as keep
         the estimated activations (`activation_bytes` per image) within `sub_batch_bytes`, split
-        evenly (e.g. 64 and 65 images run as 2 passes of 32 and 33)."""
-        most = max(1, self.sub_batch_bytes // self.activation_bytes())
+        evenly (with at most 84 per pass, 100 images run as 2 passes of 50)."""
+        act = self.activation_bytes()
+        # Each pass also reads the weights and writes and sums a full gradient, so a pass
+        # carries at least pass_param_ratio x the parameter bytes in activations (wide dense
+        # layers on big images: fewer, bigger passes).
+        floor = -(-self.pass_param_ratio * self.num_params * self.dtype.itemsize // act)
+        most = max(1, self.sub_batch_bytes // act, floor)
         passes = -(-n // most)
         return -(-n // passes)
 

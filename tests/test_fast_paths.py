@@ -267,7 +267,9 @@ def test_sub_batches_give_the_whole_batch_gradient(n):
     split.init_params(3)
     whole.sub_batch_bytes = 1 << 40
     split.sub_batch_bytes = 9 * split.activation_bytes()  # passes of at most 9 images
+    split.pass_param_ratio = 0
     assert whole.sub_batch(n) == n
+    assert Model(REFERENCE_SPEC, (1, 28, 28), 10).sub_batch(128) == 64
     assert split.sub_batch(n) == min(n, -(-n // -(-n // 9)))
     loss_w, correct_w = whole.loss_and_grad(x, labels, scale=1.0 / n)
     loss_s, correct_s = split.loss_and_grad(x, labels, scale=1.0 / n)
