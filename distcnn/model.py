@@ -248,9 +248,11 @@ class Model:
           (a window whose maximum is <= 0 passes no gradient either way);
         * a relu whose producer is a conv, dense or pooling layer works in place, forward and
           backward (that producer's output and the dy it gets are nobody else's);
-        * a 2x2 max-pool right after a grid conv pools straight from the conv's output grid and
-          writes its dx straight into the conv's gradient grid (the conv pads its grid rows to
-          an even width for that);
+        * a 3x3 "same" conv on an even-sized image, then a 2x2 max-pool and any in-place relus,
+          runs as one ConvPool block (distcnn.fused) on polyphase grids;
+        * another 2x2 max-pool right after a grid conv pools straight from the conv's output
+          grid and writes its dx straight into the conv's gradient grid (the conv pads its grid
+          rows to an even width for that);
         * a 2x2 max-pool before a grid conv writes its output into that conv's input grid, and
           the in-place relus between them rectify the whole grid in one contiguous pass.
         """
