@@ -446,10 +446,18 @@ class Model:
         return loss, correct
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int, np.ndarray]:
-        """(loss sum, correct, predictions (N,)) for one batch, forward only."""
-        logits = self.forward(x)
-        loss, correct, _ = softmax_cross_entropy(logits, labels)
-        return loss, correct, logits.argmax(axis=1)
+        """(loss sum, correct, predictions (N,)) for one batch, forward only; a big batch runs in
+        the passes loss_and_grad would use."""
+        n = x.shape[0]
+        step = self.sub_batch(n) if n else 1
+        loss, correct, pred = 0.0, 0, np.empty(n, dtype=np.int64)
+        for s in range(0, n, step):
+            logits = self.forward(x[s : s + step])
+            part_loss, part_correct, _ = softmax_cross_entropy(logits, labels[s : s + step])
+            loss += part_loss
+            correct += part_correct
+            pred[s : s + step] = logits.argmax(axis=1)
+        return loss, correct, pred
 
     def profile_layers(self, on: bool = True) -> None:
         """Start (or stop) timing every layer's forward and backward into layer_seconds."""

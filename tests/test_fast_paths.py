@@ -279,3 +279,18 @@ def test_sub_batches_give_the_whole_batch_gradient(n):
     again = split.grads.copy()
     split.loss_and_grad(x, labels, scale=1.0 / n)
     np.testing.assert_array_equal(split.grads, again)  # bitwise repeatable
+
+
+def test_evaluate_in_passes_matches_one_pass():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((23, 1, 12, 12)).astype(np.float32)
+    labels = rng.integers(0, 10, size=23)
+    model = Model(REFERENCE_SPEC, (1, 12, 12), 10)
+    model.init_params(4)
+    loss_1, correct_1, pred_1 = model.evaluate(x, labels)
+    model.sub_batch_bytes, model.pass_param_ratio = 5 * model.activation_bytes(), 0
+    assert model.sub_batch(23) == 5  # passes of 5, 5, 5, 5, 3
+    loss_p, correct_p, pred_p = model.evaluate(x, labels)
+    np.testing.assert_allclose(loss_p, loss_1, rtol=1e-6)
+    assert correct_p == correct_1
+    np.testing.assert_array_equal(pred_p, pred_1)
