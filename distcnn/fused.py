@@ -77,6 +77,8 @@ class ConvPool:
         self.ws = Workspace(conv.dtype)
         self._n = -1
         self.pool_seconds = [0.0, 0.0]
+        self._tap_list = self._taps()
+        self._views: dict[tuple, np.ndarray] = {}  # _get's views for the current batch size
 
     def _dims(self, n: int) -> tuple[int, int, int, int]:
         """(H/2, W/2, P, E)."""
@@ -92,6 +94,16 @@ class ConvPool:
         self.ws.get("xp", (4, c, p + 2 * e))[...] = 0
         self.ws.get("cols", (9 * c + 1, 4 * p))[9 * c] = 1  # last row: ones, for the bias
         self._n = n
+        self._views.clear()
+
+    def _get(self, name: str, shape: tuple[int, ...], dtype: type | None = None) -> np.ndarray:
+        """self.ws.get, with the view kept until the batch size changes (saves ~0.2 ms a step
+        in Python overhead)."""
+        key = (name, shape, dtype)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.ws.get(name, shape, dtype)
+        return view
 
     def _taps(self) -> list[tuple[int, int, int, int, int]]:
         """(output phase, i, j, input phase, shift) for every output phase and kernel offset."""
@@ -123,29 +135,29 @@ class ConvPool:
         f, k = conv.filters, 9 * c
         h2, w2, p, e = self._dims(n)
         self._layout(n)
-        xp = self.ws.get("xp", (4, c, p + 2 * e))
+        xp = self._get("xp", (4, c, p + 2 * e))
         xt = x.transpose(1, 0, 2, 3)  # (C, N, H, W)
         for s in range(4):  # deinterleave the input into its four phases
             sr, sc = divmod(s, 2)
             xp[s, :, e : e + p].reshape(c, n, h2, w2)[...] = xt[:, :, sr::2, sc::2]
-        cols = self.ws.get("cols", (k + 1, 4 * p))  # (9C + 1, 4P), last row ones
+        cols = self._get("cols", (k + 1, 4 * p))  # (9C + 1, 4P), last row ones
         c5 = cols[:k].reshape(c, 3, 3, 4, p)
-        for q, i, j, s, shift in self._taps():
+        for q, i, j, s, shift in self._tap_list:
             c5[:, i, j, q] = xp[s, :, e + shift : e + shift + p]
         self._zero_wrapped(cols, n)
-        wb = self.ws.get("wb", (f, k + 1))  # [weight | bias]
+        wb = self._get("wb", (f, k + 1))  # [weight | bias]
         wb[:, :k] = conv.p["weight"].reshape(f, k)
         wb[:, k] = conv.p["bias"]
-        o = self.ws.get("o", (f, 4 * p))  # (F, 4P): the four output phases
+        o = self._get("o", (f, 4 * p))  # (F, 4P): the four output phases
         for lo, hi in column_blocks(k + 1, f, 4 * p, o.itemsize):
             np.matmul(wb, cols[:, lo:hi], out=o[:, lo:hi])
         t = time.perf_counter()
         o3 = o.reshape(f, 4, p)
-        right_top = self.ws.get("rt", (f, p), np.bool_)
-        right_bottom = self.ws.get("rb", (f, p), np.bool_)
-        low = self.ws.get("low", (f, p), np.bool_)
-        top = self.ws.get("top", (f, p))
-        y = self.ws.get("y", (f, p))
+        right_top = self._get("rt", (f, p), np.bool_)
+        right_bottom = self._get("rb", (f, p), np.bool_)
+        low = self._get("low", (f, p), np.bool_)
+        top = self._get("top", (f, p))
+        y = self._get("y", (f, p))
         np.greater(o3[:, 1], o3[:, 0], out=right_top)  # strict: the first maximum wins ties
         np.maximum(o3[:, 0], o3[:, 1], out=top)
         np.greater(o3[:, 3], o3[:, 2], out=right_bottom)
@@ -169,28 +181,28 @@ class ConvPool:
         t = time.perf_counter()
         d = dy.transpose(1, 0, 2, 3).reshape(f, p)  # dL/dy (F, P): a view when dy allows
         if not (overwrite_dy and d.flags.writeable and np.shares_memory(d, dy)):
-            d = self.ws.get("d", (f, p))
+            d = self._get("d", (f, p))
             d.reshape(f, n, h2, w2)[...] = dy.transpose(1, 0, 2, 3)
         if self.relu:
-            mask = self.ws.get("mask", (f, p), np.bool_)
-            np.greater(self.ws.get("y", (f, p)), 0, out=mask)
+            mask = self._get("mask", (f, p), np.bool_)
+            np.greater(self._get("y", (f, p)), 0, out=mask)
             np.multiply(d, mask, out=d)
         # Route d to the chosen input of each window: x * mask, and x - x * mask for the other
         # side (exact for finite x), into the four output phases.
-        dyg = self.ws.get("dyg", (f, 4 * p)).reshape(f, 4, p)  # dL/d(output phases)
-        low = self.ws.get("low", (f, p), np.bool_)
-        bottom = self.ws.get("top", (f, p))  # forward's scratch, reused
+        dyg = self._get("dyg", (f, 4 * p)).reshape(f, 4, p)  # dL/d(output phases)
+        low = self._get("low", (f, p), np.bool_)
+        bottom = self._get("top", (f, p))  # forward's scratch, reused
         np.multiply(d, low, out=bottom)
         np.subtract(d, bottom, out=d)  # d is now the top pair's share
-        np.multiply(bottom, self.ws.get("rb", (f, p), np.bool_), out=dyg[:, 3])
+        np.multiply(bottom, self._get("rb", (f, p), np.bool_), out=dyg[:, 3])
         np.subtract(bottom, dyg[:, 3], out=dyg[:, 2])
-        np.multiply(d, self.ws.get("rt", (f, p), np.bool_), out=dyg[:, 1])
+        np.multiply(d, self._get("rt", (f, p), np.bool_), out=dyg[:, 1])
         np.subtract(d, dyg[:, 1], out=dyg[:, 0])
         self.pool_seconds[1] = time.perf_counter() - t
         dyg2 = dyg.reshape(f, 4 * p)
-        cols = self.ws.get("cols", (k + 1, 4 * p))
-        gwb = self.ws.get("gwb", (k + 1, f))  # [dL/dweight^T ; dL/dbias]
-        part = self.ws.get("gwb_part", (k + 1, f))
+        cols = self._get("cols", (k + 1, 4 * p))
+        gwb = self._get("gwb", (k + 1, f))  # [dL/dweight^T ; dL/dbias]
+        part = self._get("gwb_part", (k + 1, f))
         for idx, (lo, hi) in enumerate(column_blocks(k + 1, f, 4 * p, gwb.itemsize)):
             np.matmul(cols[:, lo:hi], dyg2[:, lo:hi].T, out=part if idx else gwb)
             if idx:
@@ -199,15 +211,15 @@ class ConvPool:
         conv.g["bias"][...] = gwb[k]
         if not need_dx:
             return None
-        dcols = self.ws.get("dcols", (k, 4 * p))
+        dcols = self._get("dcols", (k, 4 * p))
         np.matmul(conv.p["weight"].reshape(f, k).T, dyg2, out=dcols)
         self._zero_wrapped(dcols, n)
         d5 = dcols.reshape(c, 3, 3, 4, p)
-        dxp = self.ws.get("dxp", (4, c, p + 2 * e))
+        dxp = self._get("dxp", (4, c, p + 2 * e))
         dxp[...] = 0
-        for q, i, j, s, shift in self._taps():  # col2im
+        for q, i, j, s, shift in self._tap_list:  # col2im
             dxp[s, :, e + shift : e + shift + p] += d5[:, i, j, q]
-        dx = self.ws.get("dx", (c, n, h, w))
+        dx = self._get("dx", (c, n, h, w))
         for s in range(4):  # interleave the phases back
             sr, sc = divmod(s, 2)
             dx[:, :, sr::2, sc::2] = dxp[s, :, e : e + p].reshape(c, n, h2, w2)
