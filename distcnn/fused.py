@@ -79,6 +79,7 @@ class ConvPool:
         self.pool_seconds = [0.0, 0.0]
         self._tap_list = self._taps()
         self._views: dict[tuple, np.ndarray] = {}  # _get's views for the current batch size
+        self._cols_valid = False  # cols hold the last forward's columns (not their gradient)
 
     def _dims(self, n: int) -> tuple[int, int, int, int]:
         """(H/2, W/2, P, E)."""
@@ -128,6 +129,20 @@ class ConvPool:
         g[:, :, 0, 0::2, :, :, 0] = 0  # pc = 0, j = 0: dv = -1 at column 0
         g[:, :, 2, 1::2, :, :, w2 - 1] = 0  # pc = 1, j = 2: dv = 1 at the last column
 
+    def _im2col(self, n: int) -> np.ndarray:
+        """The columns (9C + 1, 4P) of the phase grids xp, last row ones."""
+        c = self.conv.in_shape[0]
+        k = 9 * c
+        _, _, p, e = self._dims(n)
+        xp = self._get("xp", (4, c, p + 2 * e))
+        cols = self._get("cols", (k + 1, 4 * p))
+        c5 = cols[:k].reshape(c, 3, 3, 4, p)
+        for q, i, j, s, shift in self._tap_list:
+            c5[:, i, j, q] = xp[s, :, e + shift : e + shift + p]
+        self._zero_wrapped(cols, n)
+        self._cols_valid = True
+        return cols
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         conv = self.conv
         n = x.shape[0]
@@ -140,11 +155,7 @@ class ConvPool:
         for s in range(4):  # deinterleave the input into its four phases
             sr, sc = divmod(s, 2)
             xp[s, :, e : e + p].reshape(c, n, h2, w2)[...] = xt[:, :, sr::2, sc::2]
-        cols = self._get("cols", (k + 1, 4 * p))  # (9C + 1, 4P), last row ones
-        c5 = cols[:k].reshape(c, 3, 3, 4, p)
-        for q, i, j, s, shift in self._tap_list:
-            c5[:, i, j, q] = xp[s, :, e + shift : e + shift + p]
-        self._zero_wrapped(cols, n)
+        cols = self._im2col(n)
         wb = self._get("wb", (f, k + 1))  # [weight | bias]
         wb[:, :k] = conv.p["weight"].reshape(f, k)
         wb[:, k] = conv.p["bias"]
@@ -189,7 +200,8 @@ class ConvPool:
             np.multiply(d, mask, out=d)
         # Route d to the chosen input of each window: x * mask, and x - x * mask for the other
         # side (exact for finite x), into the four output phases.
-        dyg = self._get("dyg", (f, 4 * p)).reshape(f, 4, p)  # dL/d(output phases)
+        # dL/d(output phases), in the forward output's buffer (no longer needed)
+        dyg = self._get("o", (f, 4 * p)).reshape(f, 4, p)
         low = self._get("low", (f, p), np.bool_)
         bottom = self._get("top", (f, p))  # forward's scratch, reused
         np.multiply(d, low, out=bottom)
@@ -200,7 +212,9 @@ class ConvPool:
         np.subtract(d, dyg[:, 1], out=dyg[:, 0])
         self.pool_seconds[1] = time.perf_counter() - t
         dyg2 = dyg.reshape(f, 4 * p)
-        cols = self._get("cols", (k + 1, 4 * p))
+        # The column gradient overwrites the columns (less memory traffic), so a second
+        # backward after one forward rebuilds them.
+        cols = self._get("cols", (k + 1, 4 * p)) if self._cols_valid else self._im2col(n)
         gwb = self._get("gwb", (k + 1, f))  # [dL/dweight^T ; dL/dbias]
         part = self._get("gwb_part", (k + 1, f))
         for idx, (lo, hi) in enumerate(column_blocks(k + 1, f, 4 * p, gwb.itemsize)):
@@ -211,7 +225,8 @@ class ConvPool:
         conv.g["bias"][...] = gwb[k]
         if not need_dx:
             return None
-        dcols = self._get("dcols", (k, 4 * p))
+        dcols = cols[:k]  # the columns are spent: their buffer takes their gradient
+        self._cols_valid = False
         np.matmul(conv.p["weight"].reshape(f, k).T, dyg2, out=dcols)
         self._zero_wrapped(dcols, n)
         d5 = dcols.reshape(c, 3, 3, 4, p)
