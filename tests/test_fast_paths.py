@@ -209,7 +209,7 @@ def test_bench_smoke_prints_every_section():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("in_shape", [(1, 28, 28), (3, 6, 4), (2, 2, 2)])
+@pytest.mark.parametrize("in_shape", [(1, 28, 28), (3, 6, 4), (2, 2, 2), (5, 4, 6)])
 def test_convpool_block_matches_naive(in_shape, relu, dtype):
     """conv 3x3 same -> 2x2 max-pool [-> relu] on polyphase grids gives the naive numbers,
     forward and every gradient, with pool ties (integer inputs and weights), for batch sizes
@@ -219,6 +219,7 @@ def test_convpool_block_matches_naive(in_shape, relu, dtype):
     pool = MaxPool2d(conv.out_shape, kernel=2, dtype=dtype)
     assert fits(conv, pool)
     block = ConvPool(conv, pool, relu)
+    assert block.pixel_major == (in_shape[0] >= 4)  # (4P, F) output phases: long GEMMs only
     for n in (1, 7, 3):
         for ties in (True, False):
             if ties:
