@@ -78,6 +78,16 @@ class ConvPool:
         self._n = -1
         self.pool_seconds = [0.0, 0.0]
         self._tap_list = self._taps()
+        # col2im order: for each input phase an unshifted tap first, which assigns the phase's
+        # interior instead of adding to it, so dxp needs no zero fill (its ends only ever
+        # receive zeros: the wrapped entries).
+        by_shift = sorted(self._tap_list, key=lambda tap: tap[4] != 0)
+        seen: set[int] = set()
+        self._col2im_taps = []
+        for q, i, j, s, shift in by_shift:
+            self._col2im_taps.append((q, i, j, s, shift, s not in seen))
+            seen.add(s)
+        assert all(shift == 0 for *_, shift, first in self._col2im_taps if first)
         self._views: dict[tuple, np.ndarray] = {}  # _get's views for the current batch size
         self._cols_valid = False  # cols hold the last forward's columns (not their gradient)
         # Long inner dimension (one GEMM): the output phases are laid out pixel-major, (4P, F),
@@ -97,6 +107,7 @@ class ConvPool:
         c = self.conv.in_shape[0]
         _, _, p, e = self._dims(n)
         self.ws.get("xp", (4, c, p + 2 * e))[...] = 0
+        self.ws.get("dxp", (4, c, p + 2 * e))[...] = 0
         self.ws.get("cols", (9 * c + 1, 4 * p))[9 * c] = 1  # last row: ones, for the bias
         self._n = n
         self._views.clear()
@@ -253,9 +264,11 @@ class ConvPool:
         self._zero_wrapped(dcols, n)
         d5 = dcols.reshape(c, 3, 3, 4, p)
         dxp = self._get("dxp", (4, c, p + 2 * e))
-        dxp[...] = 0
-        for q, i, j, s, shift in self._tap_list:  # col2im
-            dxp[s, :, e + shift : e + shift + p] += d5[:, i, j, q]
+        for q, i, j, s, shift, first in self._col2im_taps:
+            if first:  # shift == 0
+                dxp[s, :, e : e + p] = d5[:, i, j, q]
+            else:
+                dxp[s, :, e + shift : e + shift + p] += d5[:, i, j, q]
         dx = self._get("dx", (c, n, h, w))
         for s in range(4):  # interleave the phases back
             sr, sc = divmod(s, 2)
