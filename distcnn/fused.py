@@ -14,7 +14,8 @@ Layout (P = N * H/2 * W/2, phases without borders, so no GEMM column is wasted):
 * input phase grids xp (4, C, E + P + E), E = W/2 + 1: input pixel (n, 2u + sr, 2v + sc) sits
   in phase sr*2 + sc at E + (n*H/2 + u)*W/2 + v; the E-wide ends only catch shifted reads.
 * output phases o (F, 4, P): conv output (n, 2a + pr, 2b + pc) at [:, pr*2 + pc, (n*H/2 + a)*W/2
-  + b].
+  + b]; or pixel-major (4, P, F) when the GEMM's inner dimension is long (`pixel_major`, conv2),
+  which OpenBLAS writes faster. The pool's planes and the block's output follow that order.
 Output phase (pr, pc) at kernel offset (i, j) reads input row 2a + pr + i - 1 = 2(a + du) + sr
 with di = pr + i - 1, sr = di mod 2, du = di // 2 in {-1, 0, 1}, and likewise column dv, sc:
 the slice of input phase (sr, sc) shifted by du*W/2 + dv, so im2col is 36 contiguous copies and
