@@ -27,6 +27,7 @@ from mpi4py import MPI
 _ARRIVE_TAG = 7
 _SPIN_SECONDS = 0.002  # poll without sleeping this long; then sleep between polls
 _NAP_SECONDS = 0.0002
+_ABORT_GRACE_SECONDS = 0.2
 
 
 class CollectiveTimeout(RuntimeError):
@@ -176,7 +177,10 @@ class Comm:
         """End every rank of the job now (MPI_Abort); in a single process, exit."""
         sys.stderr.flush()
         sys.stdout.flush()
-        if self.mpi.Get_size() > 1 or self.mpi is MPI.COMM_WORLD:
+        if MPI.COMM_WORLD.Get_size() > 1:
+            # The launcher forwards our output through a pipe and stops forwarding once it tears
+            # the job down; a moment's grace lets the `[rank k]` traceback reach the user.
+            time.sleep(_ABORT_GRACE_SECONDS)
             MPI.COMM_WORLD.Abort(code)
         os._exit(code)
 
