@@ -694,27 +694,34 @@ def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             images, labels = npz["images"], npz["labels"]
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise UsageError(f"cannot read {path} as .npz ({exc}): give a NumPy .npz file") from None
-    images = _with_channels(images, f"images in {path}")
+    return _image_label_pair(
+        images,
+        labels,
+        f"images in {path}",
+        f"labels in {path}",
+        "store one integer class index per image",
+    )
+
+
+def _image_label_pair(
+    images: np.ndarray, labels: np.ndarray, images_name: str, labels_name: str, fix: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images as (N, C, H, W) uint8/float32 and labels as (N,) int64, or a UsageError."""
+    images = _with_channels(images, images_name)
     if labels.ndim != 1:
-        raise UsageError(
-            f"labels in {path} have shape {labels.shape}; they must be 1-D (N,): "
-            "store one integer class index per image"
-        )
-    images = _as_image_dtype(images, f"images in {path}")
-    return images, _labels_as_int64(labels, f"labels in {path}")
+        raise UsageError(f"{labels_name} have shape {labels.shape}; they must be 1-D (N,): {fix}")
+    return _as_image_dtype(images, images_name), _labels_as_int64(labels, labels_name)
 
 
 def _read_idx_pair(images_path: str, labels_path: str) -> tuple[np.ndarray, np.ndarray]:
     """IDX images (N, H, W) or (N, C, H, W) and labels (N,) -> images (N, C, H, W), labels."""
-    images = _with_channels(read_idx(images_path), f"IDX images {images_path}")
-    labels = read_idx(labels_path)
-    if labels.ndim != 1:
-        raise UsageError(
-            f"IDX labels {labels_path} have shape {labels.shape}; they must be 1-D: "
-            "give IMAGES,LABELS in that order"
-        )
-    images = _as_image_dtype(images, f"IDX images {images_path}")
-    return images, _labels_as_int64(labels, f"IDX labels {labels_path}")
+    return _image_label_pair(
+        read_idx(images_path),
+        read_idx(labels_path),
+        f"IDX images {images_path}",
+        f"IDX labels {labels_path}",
+        "give IMAGES,LABELS in that order",
+    )
 
 
 def read_source(
