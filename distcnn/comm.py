@@ -55,10 +55,6 @@ class Comm:
     def world(cls, timeout: float | None = None) -> Comm:
         return cls(MPI.COMM_WORLD, timeout)
 
-    @classmethod
-    def self_comm(cls, timeout: float | None = None) -> Comm:
-        return cls(MPI.COMM_SELF, timeout)
-
     # -- collectives -------------------------------------------------------------------------
 
     def allreduce_sum(self, buf: np.ndarray, what: str = "allreduce") -> None:
@@ -98,12 +94,6 @@ class Comm:
             raw = np.empty(int(n[0]), dtype=np.uint8)
         self.bcast(raw, root, what)
         return pickle.loads(raw.tobytes())
-
-    def any(self, flag: bool, what: str = "agreement") -> bool:
-        """True on every rank if flag is true on any rank."""
-        buf = np.array([1.0 if flag else 0.0])
-        self.allreduce_sum(buf, what)
-        return bool(buf[0] > 0)
 
     def gather_objects(self, obj: Any, what: str = "gather") -> list[Any]:
         """Every rank's small picklable object, in rank order, on every rank."""

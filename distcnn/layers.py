@@ -76,9 +76,6 @@ class Workspace:
             self._flat[name] = buf
         return buf[:size].reshape(shape)
 
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._flat.values())
-
     def like(self, name: str, a: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
         """A workspace shaped like `a` with the same axis order in memory (largest stride
         first), so element-wise passes over `a` and it walk both arrays sequentially."""
