@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 
 def fmt_metric(v: float | None) -> str:
@@ -79,22 +79,20 @@ class Progress:
             )
 
     def line(self, text: str) -> None:
-        """A line that must not tear the bar (epoch summaries, warnings, the end)."""
-        if not self.on:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stdout)
-        else:
-            print(text, flush=True)
+        """A line that must not tear the bar (epoch summaries, the end)."""
+        self._emit(text, sys.stdout)
 
     def warn(self, text: str) -> None:
         """A line on stderr (warnings, the final error) that does not tear the bar."""
+        self._emit(text, sys.stderr)
+
+    def _emit(self, text: str, stream: TextIO) -> None:
         if not self.on:
             return
         if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
+            self.bar.write(text, file=stream)
         else:
-            print(text, file=sys.stderr, flush=True)
+            print(text, file=stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
