@@ -13,6 +13,7 @@ with a communicator of size 1 or N. The order of things matters here:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import sys
@@ -75,9 +76,10 @@ def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -
 
     # Rank 0 decides what to resume from; everyone gets the decision and the stored config.
     decision: dict[str, Any] = {}
+    loaded = None  # rank 0: the whole checkpoint resumed from; the others get its metadata
     if comm.rank == 0:
         try:
-            decision = _resume_decision(flags)
+            decision, loaded = _resume_decision(flags)
         except UsageError as e:
             decision = {"error": str(e)}
     decision = comm.bcast_object(decision, 0, "resume decision")  # MPI
@@ -105,7 +107,7 @@ def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -
 
         resume = None
         if decision.get("path"):
-            resume = ckpt.load(decision["path"]) if comm.rank == 0 else decision["meta"]
+            resume = loaded if comm.rank == 0 else decision["meta"]
         if comm.rank == 0:
             _check_checkpoint_dir(cfg["checkpoint_dir"])
         trainer = Trainer(cfg, comm, warnings, resume, decision.get("path"))
@@ -153,21 +155,19 @@ def _check_checkpoint_dir(path: str) -> None:
         ) from None
 
 
-def _resume_decision(flags: dict[str, Any]) -> dict[str, Any]:
-    """On rank 0: which checkpoint to resume from (if any) and its config and position."""
+def _resume_decision(flags: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """On rank 0: which checkpoint to resume from (if any), as (a decision to broadcast: path,
+    inherited config, metadata and notes; the loaded checkpoint, or None)."""
     from distcnn import checkpoint as ckpt
     from distcnn import config
 
-    resume = flags.get("resume")
-    if resume is None and flags.get("config"):
-        resume = config.read_toml(flags["config"]).get("resume")
+    toml = config.read_toml(flags["config"]) if flags.get("config") else {}
+    resume = flags.get("resume", toml.get("resume"))
     if not resume:
-        return {}
+        return {}, None
     notes: list[str] = []
     if resume == "auto":
-        directory = flags.get("checkpoint_dir")
-        if directory is None and flags.get("config"):
-            directory = config.read_toml(flags["config"]).get("checkpoint_dir")
+        directory = flags.get("checkpoint_dir", toml.get("checkpoint_dir"))
         directory = directory or config.DEFAULTS["checkpoint_dir"]
         path, notes = ckpt.newest_valid(directory)
         if path is None and notes:
@@ -177,31 +177,16 @@ def _resume_decision(flags: dict[str, Any]) -> dict[str, Any]:
                 + "); give --resume PATH of a good one, or move the damaged ones away"
             )
         if path is None:
-            return {
-                "notes": notes + [f"--resume auto: no checkpoint in {directory}; starting fresh"]
-            }
+            notes.append(f"--resume auto: no checkpoint in {directory}; starting fresh")
+            return {"notes": notes}, None
     else:
         path = resume
     ck = ckpt.load(path)
-    meta = ckpt.Checkpoint(
-        params={},
-        velocity={},
-        step=ck.step,
-        epoch=ck.epoch,
-        offset=ck.offset,
-        world_size=ck.world_size,
-        seed=ck.seed,
-        best_val=ck.best_val,
-        num_classes=ck.num_classes,
-        input_shape=ck.input_shape,
-        model=ck.model,
-        config=ck.config,
-        extra=ck.extra,
-    )
+    meta = dataclasses.replace(ck, params={}, velocity={})  # what the other ranks need
     notes.append(f"resuming from {path} at step {ck.step} (written by {ck.world_size} rank(s))")
     # --max-steps limits one invocation: a resumed run without it goes on to --epochs
     inherited = {k: v for k, v in ck.config.items() if k not in NOT_INHERITED}
-    return {"path": str(path), "config": inherited, "meta": meta, "notes": notes}
+    return {"path": str(path), "config": inherited, "meta": meta, "notes": notes}, ck
 
 
 def _dry_run(cfg: dict[str, Any], n_threads: int, thread_source: str, ranks: int) -> None:
