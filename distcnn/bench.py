@@ -90,7 +90,9 @@ def measure_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
     split = Split(
         images, labels, 10, np.array([0.1307], np.float32), np.array([0.3081], np.float32)
     )
-    model = Model(REFERENCE_SPEC, (1, px, px), 10, np.float32, grad_extra=3)
+    model = Model(
+        REFERENCE_SPEC, (1, px, px), 10, np.float32, grad_extra=3, grad_alloc=comm.reduce_buffer
+    )
     model.init_params(0)
     opt = SGD(model.params, 0.9, 5e-4)
     red, n_params = model.grad_buffer, model.num_params
@@ -110,9 +112,9 @@ def measure_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
         loss, correct = model.loss_and_grad(x, split.labels[idx], scale=1.0 / global_batch)
         red[n_params], red[n_params + 1], red[n_params + 2] = loss, correct, 0.0
         t = time.perf_counter()
-        comm.allreduce_sum(red, "bench gradient allreduce")  # MPI: the Trainer's one collective
+        out = comm.allreduce_sum_view(red, "bench gradient allreduce")  # MPI: as in the Trainer
         timers["comm"] += time.perf_counter() - t
-        opt.step(red[:n_params], 0.01)
+        opt.step(out[:n_params], 0.01)
 
     for _ in range(cfg.get("warmup", 2)):
         train_step()

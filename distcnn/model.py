@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,6 +182,7 @@ class Model:
         num_classes: int,
         dtype: np.dtype = np.float32,
         grad_extra: int = 0,
+        grad_alloc: Callable[[int, np.dtype], np.ndarray] | None = None,
     ) -> None:
         self.spec = spec
         self.input_shape = tuple(int(d) for d in input_shape)
@@ -196,7 +198,15 @@ class Model:
         self.params = np.zeros(self.num_params, dtype=self.dtype)  # (P,)
         # grad_buffer has `grad_extra` spare slots after the gradient, so a trainer can reduce
         # the gradient and a few scalars (loss, accuracy, flags) in a single collective.
-        self.grad_buffer = np.zeros(self.num_params + grad_extra, dtype=self.dtype)
+        # grad_alloc(n, dtype), when given, supplies it zeroed (Comm.reduce_buffer: shared memory).
+        n_grad = self.num_params + grad_extra
+        if grad_alloc is None:
+            self.grad_buffer = np.zeros(n_grad, dtype=self.dtype)
+        else:
+            self.grad_buffer = grad_alloc(n_grad, self.dtype)
+            if self.grad_buffer.shape != (n_grad,) or self.grad_buffer.dtype != self.dtype:
+                got = f"{self.grad_buffer.shape} {self.grad_buffer.dtype}"
+                raise ValueError(f"grad_alloc gave {got}, not ({n_grad},) {self.dtype}")
         self.grads = self.grad_buffer[: self.num_params]  # (P,)
         self.param_views = self.views_of(self.params)
         self.grad_views = self.views_of(self.grads)

@@ -28,14 +28,16 @@ class SGD:
         self.velocity = np.zeros_like(params)  # (P,)
         self._scratch = np.empty_like(params)  # (P,) reused every step: no temporaries
 
-    def step(self, grads: np.ndarray, lr: float) -> None:
-        v = self.velocity
+    def step(self, grads: np.ndarray, lr: float, grad_scale: float = 1.0) -> None:
+        """One update with g = grad_scale * grads (grads is only read: it may be shared)."""
+        v, tmp = self.velocity, self._scratch
+        if grad_scale != 1.0:
+            grads = np.multiply(grads, np.asarray(grad_scale, dtype=grads.dtype), out=tmp)
         if self.momentum != 0.0:
             v *= self.momentum
             v += grads
         else:
             v[...] = grads
-        tmp = self._scratch
         if self.weight_decay != 0.0:
             np.multiply(self.params, self.weight_decay, out=tmp)
             v += tmp

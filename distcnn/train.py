@@ -110,6 +110,12 @@ def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -
             resume = loaded if comm.rank == 0 else decision["meta"]
         if comm.rank == 0:
             _check_checkpoint_dir(cfg["checkpoint_dir"])
+    except UsageError as e:
+        err = str(e)
+    err = _agree(comm, err)  # MPI: before the Trainer, whose construction is collective
+    if err:
+        return _error(err) if comm.rank == 0 else 2
+    try:
         trainer = Trainer(cfg, comm, warnings, resume, decision.get("path"))
         if comm.rank == 0:
             for p in ckpt.remove_stale_temporaries(cfg["checkpoint_dir"]):

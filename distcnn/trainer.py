@@ -222,14 +222,6 @@ class Trainer:
         self.train = datamod.load_split(data_path, "train")
         self.val = self._validation_split(data_path)
         self.test = self._optional_split(data_path, "test")
-        self.model = Model(
-            cfg["model"] or REFERENCE_SPEC,
-            self.train.image_shape,
-            self.train.num_classes,
-            np.float32,
-            grad_extra=EXTRA,
-        )
-        self.n_params = self.model.num_params
         if cfg["batch_size"] < comm.size:
             raise UsageError(
                 f"--batch-size {cfg['batch_size']} is smaller than the {comm.size} ranks; "
@@ -240,6 +232,15 @@ class Trainer:
                 f"--deterministic needs a number of ranks that divides {DET_SHARDS}, got "
                 f"{comm.size}; run on 1, 2, 4 or 8 ranks"
             )
+        self.model = Model(
+            cfg["model"] or REFERENCE_SPEC,
+            self.train.image_shape,
+            self.train.num_classes,
+            np.float32,
+            grad_extra=EXTRA,
+            grad_alloc=comm.reduce_buffer,  # MPI: in shared memory when ranks share a node
+        )
+        self.n_params = self.model.num_params
         # The reduce buffer: [gradient (P) | loss sum | correct | stop flag]; grads are a view.
         self.red = self.model.grad_buffer
         self.opt = SGD(self.model.params, cfg["momentum"], cfg["weight_decay"])
@@ -349,7 +350,9 @@ class Trainer:
             loss, correct = model.loss_and_grad(x, labels, scale=1.0 / n)
             red[P], red[P + 1] = loss, correct
             self._maybe_inject_nan(red)
-            comm.allreduce_sum(red, f"gradient allreduce, step {self.state.step + 1}")  # MPI
+            # MPI: the sum may land in a shared read-only array (Comm.allreduce_sum_view); it is
+            # read below, before the next collective
+            red = comm.allreduce_sum_view(red, f"gradient allreduce, step {self.state.step + 1}")
         now = time.perf_counter()
         sec = self.phases.seconds
         fwd, bwd = model.seconds["forward"] - fwd0, model.seconds["backward"] - bwd0
@@ -361,10 +364,11 @@ class Trainer:
         grads = red[:P]
         finite = bool(np.isfinite(red[: P + 2].sum()))
         if finite:
+            scale = 1.0
             if cfg["clip_norm"] is not None:
                 norm = float(np.sqrt(np.dot(grads, grads)))
                 if norm > cfg["clip_norm"]:
-                    grads *= cfg["clip_norm"] / norm
+                    scale = cfg["clip_norm"] / norm
             lr = learning_rate(
                 cfg["lr_schedule"],
                 cfg["lr"],
@@ -372,7 +376,7 @@ class Trainer:
                 self.schedule_steps,
                 int(cfg["warmup_epochs"] * self.steps_per_epoch),
             )
-            self.opt.step(grads, lr)
+            self.opt.step(grads, lr, scale)
         self.phases.add("optimizer", t)
         return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0), finite
 
@@ -476,6 +480,8 @@ class Trainer:
             f"{n_train} train images {self.train.image_shape}, global batch {cfg['batch_size']}, "
             f"{self.steps_per_epoch} steps/epoch, {cfg['epochs']} epochs"
         )
+        if comm.size > 1:
+            con.print(f"gradient allreduce: {comm.allreduce_path}")
         if st.step >= self.total_steps:
             con.print(f"already at step {st.step} of {self.total_steps}: nothing to do")
             return 0

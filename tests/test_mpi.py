@@ -58,19 +58,36 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# How the gradient is summed (distcnn.comm): "shm" through shared memory on one node, "nodes2"
+# as if every 2 ranks were a node (shared memory within, MPI across: the hierarchical path),
+# "mpi" with plain MPI_Iallreduce.
+ALLREDUCE_ENV = {
+    "shm": {},
+    "nodes2": {"DISTCNN_NODE_SIZE": "2"},
+    "mpi": {"DISTCNN_ALLREDUCE": "mpi"},
+}
+
+
 class Runs:
-    """Each (ranks, mode) launched at most once per module, in a fresh empty working directory."""
+    """Each (ranks, mode, allreduce) launched at most once per module, in a fresh empty
+    working directory."""
 
     def __init__(self, data: Path, base: Path) -> None:
         self.data, self.base, self.done = data, base, {}
 
-    def get(self, ranks: int, deterministic: bool = False) -> Path:
-        key = (ranks, deterministic)
+    def get(self, ranks: int, deterministic: bool = False, allreduce: str = "shm") -> Path:
+        key = (ranks, deterministic, allreduce)
         if key not in self.done:
-            cwd = self.base / f"n{ranks}{'-det' if deterministic else ''}"
+            cwd = self.base / f"n{ranks}{'-det' if deterministic else ''}-{allreduce}"
             cwd.mkdir()
             extra = ["--deterministic"] if deterministic else []
-            res = run_train(train_args(self.data, extra), ranks=ranks, cwd=cwd, timeout=90)
+            res = run_train(
+                train_args(self.data, extra),
+                ranks=ranks,
+                cwd=cwd,
+                timeout=90,
+                env=ALLREDUCE_ENV[allreduce],
+            )
             assert res.returncode == 0, res.stderr
             (cwd.parent / f"{cwd.name}.stdout").write_text(res.stdout)
             self.done[key] = cwd
@@ -103,16 +120,27 @@ def test_batches_exercise_uneven_and_empty_shards() -> None:
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("ranks", [2, 3, 4])
-def test_n_ranks_match_one_rank(runs: Runs, ranks: int) -> None:
-    one, many = final(runs.get(1)), final(runs.get(ranks))
+@pytest.mark.parametrize(
+    ("ranks", "allreduce"), [(2, "shm"), (3, "shm"), (4, "shm"), (4, "nodes2"), (2, "mpi")]
+)
+def test_n_ranks_match_one_rank(runs: Runs, ranks: int, allreduce: str) -> None:
+    one, many = final(runs.get(1)), final(runs.get(ranks, allreduce=allreduce))
+    banner = {
+        "shm": f"gradient allreduce: shared memory ({ranks} ranks per node)",
+        "nodes2": "gradient allreduce: shared memory (2 ranks per node, MPI across 2 nodes)",
+        "mpi": "gradient allreduce: MPI_Iallreduce (DISTCNN_ALLREDUCE=mpi)",
+    }[allreduce]
+    cwd = runs.get(ranks, allreduce=allreduce)
+    assert banner in (cwd.parent / f"{cwd.name}.stdout").read_text()
     assert many.world_size == ranks and one.world_size == 1
     assert many.step == one.step == STEPS and many.epoch == one.epoch == 2
     for name in one.params:
         np.testing.assert_allclose(many.params[name], one.params[name], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(many.velocity[name], one.velocity[name], rtol=1e-4, atol=1e-5)
     # the loss and accuracy are reduced over all ranks, not rank 0's shard
-    for a, b in zip(records(runs.get(1)), records(runs.get(ranks)), strict=True):
+    for a, b in zip(
+        records(runs.get(1)), records(runs.get(ranks, allreduce=allreduce)), strict=True
+    ):
         assert (a["kind"], a["step"]) == (b["kind"], b["step"])
         if a["kind"] == "step":
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
@@ -142,7 +170,7 @@ def test_only_rank0_writes_files(runs: Runs) -> None:
     keys = [(r["kind"], r["step"]) for r in records(cwd)]
     assert len(keys) == len(set(keys))
     assert [s for k, s in keys if k == "step"] == [5, 10, 15, 20, 25]
-    stdout = (cwd.parent / "n4.stdout").read_text()
+    stdout = (cwd.parent / f"{cwd.name}.stdout").read_text()
     assert stdout.count("distcnn: 4 rank(s)") == 1
     assert stdout.count("threads per rank:") == 1
 
@@ -178,8 +206,8 @@ trainer.start()
 assert comm.check_replicas(trainer.model.params) == [], "replicas differ after the broadcast"
 if comm.rank == 2:  # one ulp of drift on one rank after each update
     update = trainer.opt.step
-    def drifting(grads, lr):
-        update(grads, lr)
+    def drifting(grads, lr, scale=1.0):
+        update(grads, lr, scale)
         p = trainer.model.params
         p[0] = np.nextafter(p[0], np.float32(np.inf))
     trainer.opt.step = drifting
@@ -210,6 +238,91 @@ def test_replica_check_catches_a_one_ulp_divergence(dataset: Path, tmp_path: Pat
     caught = [(tmp_path / f"ck.rank{r}").read_text() for r in range(3)]
     assert caught == [msg] * 3
     assert not list((tmp_path / "ck").glob("*.h5"))
+
+
+REDUCE = """
+import os, sys, time
+import numpy as np
+from mpi4py import MPI
+from distcnn.comm import Comm
+
+expect_path, node_size = sys.argv[1], int(sys.argv[2])
+world = MPI.COMM_WORLD
+rank, size = world.Get_rank(), world.Get_size()
+
+def expected(vals):
+    # the documented order: slices summed in local-rank order on each node, then the node
+    # sums added in node order (a two-member MPI sum is exact either way round)
+    nodes = [vals[i : i + node_size] for i in range(0, size, node_size)]
+    sums = []
+    for group in nodes:
+        acc = group[0].copy()
+        for v in group[1:]:
+            acc += v
+        sums.append(acc)
+    total = sums[0].copy()
+    for s in sums[1:]:
+        total += s
+    return total
+
+rng = np.random.default_rng(99)
+for n in (1, 5, 17, 40, 1000, 206_925):
+    for dtype in (np.float32, np.float64):
+        comm = Comm(world, timeout=30)
+        buf = comm.reduce_buffer(n, dtype)
+        path = "shm" if comm._reducer is not None else "mpi"
+        assert path == expect_path, (path, expect_path)
+        assert buf.shape == (n,) and buf.dtype == dtype and not buf.any()
+        for it in range(4):
+            vals = [rng.standard_normal(n).astype(dtype) for _ in range(size)]
+            # uneven arrival: a rank that rushes ahead into the next round must not overwrite
+            # anything another rank is still reading
+            time.sleep(float(rng.random()) * 0.002 * ((rank + it) % size))
+            buf[...] = vals[rank]
+            want = expected(vals)
+            if it % 2:  # in place
+                comm.allreduce_sum(buf, "test allreduce")
+                got = buf
+            else:  # the shared path hands out its read-only sum and leaves buf alone
+                got = comm.allreduce_sum_view(buf, "test allreduce")
+                if path == "shm":
+                    assert got is not buf and not got.flags.writeable
+                    assert np.array_equal(buf, vals[rank])
+            if path == "shm":
+                assert np.array_equal(got, want), (n, dtype, it, np.abs(got - want).max())
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        other = np.full(3, rank + 1.0)  # any other buffer still goes through MPI
+        comm.allreduce_sum(other)
+        assert np.array_equal(other, np.full(3, size * (size + 1) / 2))
+        comm.close()
+print(f"ok {path}", flush=True)
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    ("ranks", "env", "path", "node_size"),
+    [
+        (2, {}, "shm", 2),
+        (3, {}, "shm", 3),
+        (4, {"DISTCNN_NODE_SIZE": "2"}, "shm", 2),  # 2 "nodes" x 2: hierarchical
+        (3, {"DISTCNN_NODE_SIZE": "2"}, "mpi", 2),  # nodes of 2 and 1 rank: plain MPI
+        (2, {"DISTCNN_ALLREDUCE": "mpi"}, "mpi", 2),
+    ],
+)
+def test_shared_memory_allreduce_sums_exactly(
+    tmp_path: Path, ranks: int, env: dict[str, str], path: str, node_size: int
+) -> None:
+    """The shared-memory allreduce against sums done locally in its documented order, bitwise,
+    for sizes smaller than the slices, both dtypes, and ranks arriving at different times."""
+    script = tmp_path / "reduce.py"
+    script.write_text(REDUCE)
+    full = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env)
+    cmd = [mpirun(), "-n", str(ranks), sys.executable, str(script), path, str(node_size)]
+    res = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count(f"ok {path}") == ranks  # lines of different ranks may interleave
 
 
 # -- failing ranks end the job ---------------------------------------------------------------
@@ -388,6 +501,10 @@ class FakeRank1:
     """Rank 1 of 2, with rank 0's answers to the broadcasts save() makes."""
 
     rank, size, timeout = 1, 2, None
+    allreduce_path = "MPI_Iallreduce"
+
+    def reduce_buffer(self, n: int, dtype: Any) -> np.ndarray:
+        return np.zeros(n, dtype=dtype)
 
     def bcast_object(self, obj: Any, root: int = 0, what: str = "") -> Any:
         return obj  # on rank 1 the outcome travels from rank 0; here: "" (success)

@@ -424,6 +424,9 @@ def test_failed_saves_end_every_rank_with_one_message(tmp_path, tiny_data):
     )
     assert r.stderr.count("error:") == 1
     assert snapshot(d) == before  # nothing new, nothing changed, no temporary left
+    # the limit also stops MPICH from creating the shared-memory gradient window: every rank
+    # falls back to MPI_Iallreduce together, and says so
+    assert "gradient allreduce: MPI_Iallreduce (the shared-memory window failed" in r.stdout
     ckpt.load(d / ckpt.file_name(8))
 
     # an unusable --checkpoint-dir (below a regular file: root cannot write there either)
