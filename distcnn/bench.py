@@ -147,7 +147,7 @@ def measure_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
         out["hwm_eval"] = _memory_mib()[0]
     if comm.size > 1:
         ranks = comm.gather_objects(out, "bench results")
-        out = {"ranks": ranks, "rank": comm.rank}
+        out = {"ranks": ranks, "rank": comm.rank, "allreduce": comm.allreduce_path}
     if comm.rank == 0:
         import threadpoolctl
 
@@ -240,6 +240,7 @@ def run_setting(cfg: dict[str, Any], ranks: int = 1, timeout: float = 600) -> di
         env[var] = str(cfg["threads"])
     if cfg["kind"] == "torch":
         env.update(TORCH_ENV)
+    env.update(cfg.get("env", {}))
     cmd = [sys.executable, "-m", "distcnn.bench", "--worker", json.dumps(cfg)]
     if ranks > 1:
         mpirun = _mpirun()
@@ -339,6 +340,11 @@ def drive(args: argparse.Namespace) -> int:
         settings["torch"] = ({**base, "kind": "torch", "threads": t_main, "batch": b_main}, 1)
     if mpi_ok:
         settings["mpi2"] = ({**base, "kind": "distcnn", "threads": 1, "batch": b_main}, 2)
+        settings["mpi2plain"] = (
+            {**base, "kind": "distcnn", "threads": 1, "batch": b_main,
+             "env": {"DISTCNN_ALLREDUCE": "mpi"}},
+            2,
+        )  # fmt: skip
         settings["gemm2"] = ({"kind": "gemm", "threads": 2, "n": 1024, "seconds": secs / 2}, 1)
         if torch_ok:
             settings["torch2"] = (
@@ -440,6 +446,15 @@ def report(
                   f"rank 1 {_fmt(per[1])}); scaling {_ratio(total, one)}")  # fmt: skip
             print(f"communication: rank 0 {100 * comm[0]:.1f} %, rank 1 {100 * comm[1]:.1f} % of "
                   f"the step; peak RSS per rank {hwm[0]:.0f} / {hwm[1]:.0f} MiB")  # fmt: skip
+            path = next((r["allreduce"] for r in res["mpi2"] if r.get("allreduce")), "unknown")
+            print(f"gradient allreduce: {path}")
+            plain = [r["ranks"] for r in res.get("mpi2plain", []) if r.get("ranks")]
+            if plain:
+                tot_p = statistics.median(sum(x["train_ips"] for x in rr) for rr in plain)
+                com_p = [statistics.median(rr[i]["comm_share"] for rr in plain) for i in range(2)]
+                print(f"  the same with MPI_Iallreduce (DISTCNN_ALLREDUCE=mpi): {_fmt(tot_p)} "
+                      f"images/s, scaling {_ratio(tot_p, one)}, communication rank 0 "
+                      f"{100 * com_p[0]:.1f} %, rank 1 {100 * com_p[1]:.1f} %")  # fmt: skip
             if gf2 and fpi:
                 c2 = gf2 * 1e9 / fpi
                 print(f"GEMM ceiling, 2 threads: {gf2:.1f} GFLOP/s = {c2:,.0f} images/s; "
