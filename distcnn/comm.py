@@ -149,7 +149,8 @@ class Comm:
     # -- the gradient buffer -----------------------------------------------------------------
 
     def reduce_buffer(self, n: int, dtype: np.dtype = np.float32) -> np.ndarray:
-        """A zeroed (n,) buffer for repeated `allreduce_sum` calls (one per Comm).
+        """A zeroed (n,) buffer for repeated `allreduce_sum_view` (or `allreduce_sum`) calls, one
+        per Comm.
 
         When several ranks share a node it lives in an MPI shared-memory window and is summed by
         a NodeReducer; otherwise (one process, one rank per node, nodes with different numbers
