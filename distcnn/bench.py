@@ -112,9 +112,9 @@ def measure_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
         loss, correct = model.loss_and_grad(x, split.labels[idx], scale=1.0 / global_batch)
         red[n_params], red[n_params + 1], red[n_params + 2] = loss, correct, 0.0
         t = time.perf_counter()
-        out = comm.allreduce_sum_view(red, "bench gradient allreduce")  # MPI: as in the Trainer
+        total = comm.allreduce_sum_view(red, "bench gradient allreduce")  # MPI: as in the Trainer
         timers["comm"] += time.perf_counter() - t
-        opt.step(out[:n_params], 0.01)
+        opt.step(total[:n_params], 0.01)
 
     for _ in range(cfg.get("warmup", 2)):
         train_step()

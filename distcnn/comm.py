@@ -93,6 +93,9 @@ class NodeReducer:
         self.result.flags.writeable = False  # readers share it: nobody may write
         self.buffer = self.G[self.rank]
         self.buffer[...] = 0
+        lo, hi = self.bounds[self.rank], self.bounds[self.rank + 1]
+        self._parts = [g[lo:hi] for g in self.G]  # this rank's slice of every G, in rank order
+        self._mine = self.S[lo:hi]  # where this rank writes its slice of the sum
         self.win.Lock_all(MPI.MODE_NOCHECK)  # a passive epoch, so Win.Sync orders the memory
 
     def owns(self, buf: np.ndarray) -> bool:
@@ -100,16 +103,14 @@ class NodeReducer:
 
     def allreduce(self, wait: Callable[[MPI.Request], None]) -> np.ndarray:
         """Sum every rank's G; returns the read-only (n,) sum (valid until the next call)."""
-        lo, hi = self.bounds[self.rank], self.bounds[self.rank + 1]
-        G = self.G
+        parts, mine = self._parts, self._mine
         self.win.Sync()
         wait(self.node.Ibarrier())
         self.win.Sync()
-        mine = self.S[lo:hi]
-        if hi > lo:
-            np.add(G[0][lo:hi], G[1][lo:hi], out=mine)
-            for q in range(2, len(G)):
-                mine += G[q][lo:hi]
+        if mine.size:
+            np.add(parts[0], parts[1], out=mine)
+            for part in parts[2:]:
+                mine += part
         if self.cross is not None:
             wait(self.cross.Iallreduce(MPI.IN_PLACE, mine, op=MPI.SUM))
         self.win.Sync()
@@ -243,9 +244,7 @@ class Comm:
             return buf
         reducer = self._reducer
         if reducer is not None and reducer.owns(buf):
-            out: list[np.ndarray] = []
-            self._collective(what, lambda wait: out.append(reducer.allreduce(wait)))
-            return out[0]
+            return self._collective(what, reducer.allreduce)
         self._run(lambda: self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), what)
         return buf
 
@@ -299,9 +298,10 @@ class Comm:
     def _run(self, start: Callable[[], MPI.Request], what: str) -> None:
         self._collective(what, lambda wait: wait(start()))
 
-    def _collective(self, what: str, body: Callable[[Callable[[MPI.Request], None]], None]) -> None:
+    def _collective(self, what: str, body: Callable[[Callable[[MPI.Request], None]], Any]) -> Any:
         """One collective, numbered: announce arrival (for the watchdog), run `body`, which
-        waits on its MPI requests through the `wait` it is given, then drain the announcements."""
+        waits on its MPI requests through the `wait` it is given, then drain the announcements.
+        Returns what `body` returns."""
         self.seq += 1
         t0 = time.perf_counter()
         sends = []
@@ -310,13 +310,14 @@ class Comm:
             for r in range(self.size):
                 if r != self.rank:
                     sends.append(self._diag.Isend(self._arrive, dest=r, tag=_ARRIVE_TAG))
-        body(lambda req: self._wait(req, what, t0))
+        result = body(lambda req: self._wait(req, what, t0))
         if self.timeout is not None:
             for r in range(self.size):  # everyone arrived, so these are already here
                 if r != self.rank:
                     self._diag.Recv(self._arrive_in, source=r, tag=_ARRIVE_TAG)
             MPI.Request.Waitall(sends)
         self.comm_seconds += time.perf_counter() - t0
+        return result
 
     def _wait(self, req: MPI.Request, what: str, t0: float) -> None:
         if self.timeout is None:
