@@ -185,6 +185,20 @@ def _attr_value(value: Any) -> Any:
     return value
 
 
+def layout_text(images: h5py.Dataset) -> str:
+    """How a split's images are stored, for `data info`: e.g. "contiguous, uncompressed"."""
+    from distcnn.data.rows import layout_of
+
+    info = layout_of(images)
+    text = info["layout"]
+    if info["chunk_rows"]:
+        text += f" ({info['chunk_rows']} images per chunk)"
+    text += ", " + ("+".join(info["filters"]) if info["filters"] else "uncompressed")
+    if info["kind"] != "contiguous":
+        text += "; random sample reads are slow (rebuild with --layout sample to stream it)"
+    return text
+
+
 def dataset_summary(path: str | os.PathLike) -> dict:
     """Validated summary of a dataset file.
 
@@ -214,6 +228,7 @@ def dataset_summary(path: str | os.PathLike) -> dict:
                 "image_shape": tuple(int(s) for s in images.shape[1:]),
                 "dtype": str(images.dtype),
                 "class_counts": np.bincount(labels, minlength=num_classes).tolist(),
+                "layout": layout_text(images),
             }
         channels = {s["image_shape"][0] for s in splits.values()}
         for c in channels:
