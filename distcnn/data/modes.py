@@ -15,15 +15,19 @@ batches.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from distcnn.data.dataset import _file_splits, _open_h5, load_split, split_info
 from distcnn.data.rows import layout_of
 from distcnn.data.shared import agree, load_shared, node_comm
 from distcnn.data.split import Batches
-from distcnn.data.stream import open_stream
+from distcnn.data.stream import StreamSplit, open_stream
 from distcnn.errors import UsageError
+from distcnn.sampler import epoch_order, shard_bounds
 
 DATA_MODES = ("auto", "shared", "stream")
 SPLIT_NAMES = ("train", "val", "test")
@@ -52,8 +56,10 @@ class Data:
     line: str  # the start-up line saying which mode and why
 
     def close(self) -> None:
+        """Stop prefetch threads and close files. Not collective: a shared-memory window is
+        left to MPI_Finalize, so a rank that ends early never waits here for the others."""
         for s in (self.train, self.val, self.test):
-            if s is not None:
+            if isinstance(s, StreamSplit):
                 s.close()
 
 
@@ -143,19 +149,18 @@ def open_data(
     return Data(chosen, splits["train"], splits.get("val"), splits.get("test"), line)
 
 
-def rank_plan(seed: int, n: int, batch_size: int, size: int, rank: int, start_step: int) -> Any:
-    """This rank's shard of every step's global batch from `start_step` on (a generator, endless
-    over epochs): what the trainer asks a split for, so a stream split can read it ahead."""
-    from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
-
-    spe = steps_per_epoch(n, batch_size)
-    step = start_step
-    epoch, order = -1, None
+def rank_plan(
+    seed: int, n: int, batch_size: int, size: int, rank: int, epoch: int = 0, offset: int = 0
+) -> Iterator[np.ndarray]:
+    """This rank's shard of every coming global batch, from `offset` samples into `epoch` on
+    (endless over epochs): what the training loop asks a split for, step by step, so that a
+    stream split can read it ahead. Mirrors the loop: global batch = order[offset:offset + B],
+    the rank's part = shard_bounds of it; an epoch ends when its order is used up."""
     while True:
-        e, b = divmod(step, spe)
-        if e != epoch:
-            epoch, order = e, epoch_order(seed, e, n)
-        batch = order[b * batch_size : (b + 1) * batch_size]
-        lo, hi = shard_bounds(len(batch), size, rank)
-        yield batch[lo:hi]
-        step += 1
+        order = epoch_order(seed, epoch, n)
+        while offset < n:
+            batch = order[offset : offset + batch_size]
+            lo, hi = shard_bounds(len(batch), size, rank)
+            yield batch[lo:hi]
+            offset += len(batch)
+        epoch, offset = epoch + 1, 0
