@@ -308,3 +308,10 @@ def test_checkpoints_carry_the_fingerprint(tiny_data, tmp_path):
         ckpt.load(path)
     old = ckpt.save(tmp_path / "ckpt-00000006.h5", make_ck(6))
     assert ckpt.load(old).dataset_fingerprint is None
+
+
+def test_importing_the_data_package_does_not_start_mpi():
+    """`python -m distcnn.data info` and the readers must work where MPI cannot start."""
+    code = "import sys, distcnn.data; print('mpi4py.MPI' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr

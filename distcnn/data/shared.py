@@ -17,14 +17,16 @@ memory. DISTCNN_NODE_SIZE=k groups blocks of k consecutive ranks as nodes, as co
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from mpi4py import MPI
 
 from distcnn.data.dataset import SplitInfo, read_split_into, split_info
 from distcnn.data.split import Split
 from distcnn.errors import UsageError
+
+if TYPE_CHECKING:  # importing mpi4py starts MPI: only when a shared split is made
+    from mpi4py import MPI
 
 
 def agree(comm: Any, err: str | None, what: str) -> None:
@@ -38,6 +40,8 @@ def agree(comm: Any, err: str | None, what: str) -> None:
 def node_comm(comm: Any) -> MPI.Comm:
     """MPI: the communicator of the ranks that share this rank's node (collective, blocking; call
     it right after a watchdog-covered collective so every rank has arrived)."""
+    from mpi4py import MPI
+
     fake = os.environ.get("DISTCNN_NODE_SIZE", "")
     if fake.isdigit() and int(fake) > 0:
         return comm.mpi.Split(comm.rank // int(fake), comm.rank)
@@ -48,6 +52,8 @@ class SharedWindow:
     """One node-wide shared-memory window holding a split; `close` frees it (collective)."""
 
     def __init__(self, node: MPI.Comm, nbytes: int) -> None:
+        from mpi4py import MPI
+
         self.node = node
         self.local = node.Get_rank()
         mine = nbytes if self.local == 0 else 0
@@ -85,6 +91,8 @@ def load_shared(path: str | os.PathLike, split: str, comm: Any, node: MPI.Comm) 
     Raises UsageError on every rank when any rank cannot open the split or the reading rank
     finds bad data, so all end together.
     """
+    from mpi4py import MPI
+
     info, err = None, None
     try:
         info = split_info(path, split)
