@@ -571,3 +571,75 @@ def test_bad_fault_specs_are_refused(spec: str, message: str, monkeypatch) -> No
     with pytest.raises(supervise.UsageError) as e:
         faults.fault_from_env(0)
     assert str(e.value).startswith(message), str(e.value)
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# srun [options] -N nodes -n N -w hosts CMD...: runs CMD as N ranks under mpirun
+n=1
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -n) n=$2; shift 2 ;;
+        -N | -w) echo "srun $1 $2" >>"$FAKE_LOG"; shift 2 ;;
+        -*) shift ;;
+        *) break ;;
+    esac
+done
+exec "$MPIRUN" -n "$n" "$@"
+"""
+
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
+case $1 in
+    show) echo nodeA ;;
+    requeue) echo "requeue $2" >>"$FAKE_LOG" ;;
+esac
+"""
+
+
+@pytest.mark.mpi
+def test_slurm_script_stops_the_supervised_job_at_the_time_limit_and_requeues(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """launch/slurm.sbatch with stand-ins for srun and scontrol: the time-limit warning (USR1 to
+    the batch script) reaches the supervisor, the job saves and the script requeues it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log, run = tmp_path / "fake.log", tmp_path / "run"
+    env = job_env(
+        PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        FAKE_LOG=str(log),
+        MPIRUN=mpirun(),
+        CKPT_DIR=str(run),
+        TMPDIR=str(tmp_path),
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NODELIST="nodeA",
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="2(x1)",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+    )
+    train = ["--data", str(tiny_data), "--model", TINY, "--batch-size", "10", "--epochs", "5000"]
+    p = subprocess.Popen(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), *train, "--log-every", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= 3:
+            break
+    p.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@180 sends near the time limit
+    rest, err = p.communicate(timeout=60)
+    out = "".join(seen) + rest
+    assert p.returncode == 0, out + err
+    assert "preempted (SIGTERM on rank 0): stopped at step" in out, out + err
+    assert (tmp_path / "distcnn-77.hosts").read_text() == "nodeA:2\n"
+    assert log.read_text().splitlines() == ["srun -N 1", "srun -w nodeA", "requeue 77"]
+    doc = json.loads((run / "supervisor.json").read_text())
+    assert doc["state"] == "stopped" and len(doc["attempts"]) == 1
