@@ -34,6 +34,7 @@ else:  # pragma: no cover
 from distcnn.errors import ArgumentParser, UsageError
 
 SCHEDULES = ("constant", "cosine", "step")
+DATA_MODES = ("auto", "shared", "stream")  # distcnn.data.modes
 TOML_MAX_BYTES = 1 << 20  # a config file is a few lines; more is not a config file
 
 
@@ -142,6 +143,39 @@ class Config:
         max=1e9,
         metavar="S",
         trajectory=False,
+    )
+    data_mode: str = setting(
+        "auto",
+        "how ranks hold the data: shared (one copy per node, in shared memory), stream (each "
+        "rank reads its samples from the file, prefetched) or auto (shared if the splits fit "
+        "--data-budget; default)",
+        choices=DATA_MODES,
+        metavar="MODE",
+        trajectory=False,  # bitwise the same batches in every mode
+    )
+    data_budget: float | None = setting(
+        None,
+        "MB of splits that --data-mode auto holds in memory (default: half the memory "
+        "available on the tightest node)",
+        above=0.0,
+        max=1e12,
+        metavar="MB",
+        trajectory=False,
+    )
+    prefetch: int = setting(
+        4,
+        "steps a streaming rank reads ahead (default 4)",
+        min=1,
+        max=1024,
+        metavar="K",
+        trajectory=False,
+    )
+    allow_data_change: bool = setting(
+        False,
+        "resume even though the dataset's fingerprint differs from the checkpoint's",
+        trajectory=False,
+        inherit=False,
+        in_toml=False,
     )
     val_fraction: float = setting(
         0.0, "carve a validation set from train", min=0.0, below=1.0, metavar="F"

@@ -194,9 +194,6 @@ class Trainer:
         for w in warnings:
             self.console.warn(w)
         data_path = cfg.data or str(datamod.DEFAULT_DATASET)
-        self.train = datamod.load_split(data_path, "train")
-        self.val = self._validation_split(data_path)
-        self.test = self._optional_split(data_path, "test")
         if cfg.batch_size < comm.size:
             raise UsageError(
                 f"--batch-size {cfg.batch_size} is smaller than the {comm.size} ranks; "
@@ -207,6 +204,20 @@ class Trainer:
                 f"--deterministic needs a number of ranks that divides {DET_SHARDS}, got "
                 f"{comm.size}; run on 1, 2, 4 or 8 ranks"
             )
+        # MPI: collective; --data-mode decides how the ranks hold the splits (same batches)
+        self.data = datamod.open_data(
+            data_path,
+            comm,
+            cfg.data_mode,
+            cfg.data_budget,
+            max_rows=-(-cfg.batch_size // comm.size),
+            depth=cfg.prefetch,
+        )
+        self.train, self.test = self.data.train, self.data.test
+        self.val = self._validation_split(self.data.val)
+        # what the checkpoints record and a resume is checked against (rank 0 owns files)
+        self.fingerprint = datamod.fingerprint(data_path) if comm.rank == 0 else None
+        self.data_path = data_path
         self.model = Model(
             cfg.model or REFERENCE_SPEC,
             self.train.image_shape,
@@ -241,15 +252,9 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------
 
-    def _optional_split(self, path: str, name: str) -> datamod.Split | None:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            present = name in f
-        return datamod.load_split(path, name) if present else None
-
-    def _validation_split(self, path: str) -> datamod.Split | None:
-        val = self._optional_split(path, "val")
+    def _validation_split(self, val: datamod.Split | None) -> datamod.Split | None:
+        """The file's val split, or --val-fraction of train carved out of it (then self.train
+        becomes the rest): subsets by row, whatever the data mode."""
         frac = self.cfg.val_fraction
         if frac <= 0:
             return val
@@ -265,12 +270,8 @@ class Trainer:
         ).permutation(n)
         v_idx, t_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         full = self.train
-        self.train = datamod.Split(
-            full.images[t_idx], full.labels[t_idx], full.num_classes, full.mean, full.std
-        )
-        return datamod.Split(
-            full.images[v_idx], full.labels[v_idx], full.num_classes, full.mean, full.std
-        )
+        self.train = full.subset(t_idx)
+        return full.subset(v_idx)
 
     def _init_or_resume(self, resume: ckpt.Checkpoint | None, path: str | None) -> None:
         """Fill parameters and state on rank 0 (from the seed or the checkpoint); no collective
@@ -278,6 +279,8 @@ class Trainer:
         if resume is not None:
             self.state = TrainState(resume.step, resume.epoch, resume.offset, resume.best_val)
             self.state.restore_log_state(resume.extra.get("log_state"))
+            if self.state.offset >= len(self.train):  # a smaller train split (allowed below)
+                self.state.epoch, self.state.offset = self.state.epoch + 1, 0
         if self.comm.rank != 0:
             return
         if resume is None:
@@ -290,9 +293,25 @@ class Trainer:
             str(path),
             self.model.input_shape,
         )
+        self._check_resume_data(resume, str(path))
         for name, view in self.model.param_views.items():
             view[...] = resume.params[name]
             self.velocity_views[name][...] = resume.velocity[name]
+
+    def _check_resume_data(self, resume: ckpt.Checkpoint, path: str) -> None:
+        """Rank 0: the dataset must be the one the checkpoint was trained on (its fingerprint),
+        unless --allow-data-change; UsageError (exit 2) naming both fingerprints otherwise."""
+        recorded, current = resume.dataset_fingerprint, self.fingerprint
+        assert current is not None
+        if recorded is None:
+            self.console.warn(f"{path} records no dataset fingerprint: the data is not checked")
+            return
+        problem = datamod.resume_problem(recorded, current, path, self.data_path)
+        if problem and not self.cfg.allow_data_change:
+            raise UsageError(problem)
+        if problem:
+            now, then = (datamod.describe_fingerprint(fp) for fp in (current, recorded))
+            self.console.warn(f"--allow-data-change: resuming on {now} (trained on {then})")
 
     def start(self) -> None:
         """MPI: rank 0's parameters and optimizer state become everyone's."""
@@ -320,7 +339,7 @@ class Trainer:
             self._deterministic_grads(batch)
         else:
             lo, hi = shard_bounds(n, comm.size, comm.rank)
-            x = self.train.batch(batch[lo:hi], out=self.xbuf)
+            x = self.train.batch(batch[lo:hi], out=self.xbuf, epoch=self.state.epoch)
             labels = self.train.labels[batch[lo:hi]]
             loss, correct = model.loss_and_grad(x, labels, scale=1.0 / n)
             red[P], red[P + 1] = loss, correct
@@ -374,7 +393,7 @@ class Trainer:
         free = list(self.tree)
         for m in range(comm.rank * per_rank, (comm.rank + 1) * per_rank):
             lo, hi = shard_bounds(n, DET_SHARDS, m)
-            x = self.train.batch(batch[lo:hi], out=self.xbuf)
+            x = self.train.batch(batch[lo:hi], out=self.xbuf, epoch=self.state.epoch)
             loss, correct = self.model.loss_and_grad(x, self.train.labels[batch[lo:hi]], 1.0 / n)
             self.red[P], self.red[P + 1] = loss, correct
             buf = free.pop()
@@ -413,6 +432,7 @@ class Trainer:
             model=self.model.spec,
             config=self.cfg.as_dict(),
             extra={"log_state": self.state.log_state()},
+            dataset_fingerprint=self.fingerprint,
         )
 
     def save(self, best: bool = False) -> None:
@@ -442,7 +462,10 @@ class Trainer:
         if self.cfg.profile:
             self.model.profile_layers()
         first_step = self.state.step
-        code = self._train()
+        try:
+            code = self._train()
+        finally:
+            self.data.close()  # prefetch threads and file handles (shared memory: at exit)
         if self.cfg.profile:
             self.console.print(self.profile_report(self.state.step - first_step))
         return code
@@ -457,10 +480,16 @@ class Trainer:
         )
         if comm.size > 1:
             con.print(f"gradient allreduce: {comm.allreduce_path}")
+        con.print(self.data.line)
         if st.step >= self.total_steps:
             con.print(f"already at step {st.step} of {self.total_steps}: nothing to do")
             return 0
         order = epoch_order(cfg.seed, st.epoch, n_train)
+        # the rows this rank will ask for, so a streaming split reads them ahead
+        self.train.prefetch(
+            datamod.rank_plan(cfg.seed, n_train, cfg.batch_size, comm.size, comm.rank,
+                              st.epoch, st.offset)
+        )  # fmt: skip
         prog = self.progress = Progress(con.on, self.total_steps, st.step, not cfg.no_progress)
         t_log, imgs_since, t_epoch, imgs_epoch = time.perf_counter(), 0, time.perf_counter(), 0
         epoch_sums = st.epoch_sums  # this epoch's loss * images, correct, images (finite steps)

@@ -315,3 +315,125 @@ def test_importing_the_data_package_does_not_start_mpi():
     code = "import sys, distcnn.data; print('mpi4py.MPI' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: every data mode gives bitwise the same run
+# ---------------------------------------------------------------------------------------------
+
+
+def _final_params(run_dir: Path) -> dict[str, np.ndarray]:
+    from distcnn import checkpoint as ckpt
+
+    newest = sorted(run_dir.glob("ckpt-*.h5"))[-1]
+    return ckpt.load(newest).params
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_stream_trains_bitwise_like_shared(tiny_data, tmp_path, ranks):
+    """Same samples in the same order: the parameters after 14 steps (crossing an epoch, with a
+    --val-fraction subset) are bitwise equal in shared and stream mode."""
+    from tests.conftest import TINY_SPEC
+
+    common = ["--data", str(tiny_data), "--model", TINY_SPEC, "--batch-size", "16"]
+    common += ["--max-steps", "14", "--val-fraction", "0.2", "--no-progress", "--lr", "0.1"]
+    params = {}
+    for mode in ("shared", "stream"):
+        d = tmp_path / mode
+        r = run_train([*common, "--data-mode", mode, "--checkpoint-dir", str(d)], ranks=ranks)
+        assert r.returncode == 0, r.stderr
+        assert f"data: {mode} (--data-mode {mode})" in r.stdout
+        params[mode] = _final_params(d)
+    for name, p in params["shared"].items():
+        assert p.tobytes() == params["stream"][name].tobytes(), name
+
+
+def test_the_training_loop_follows_the_stream_plan(tiny_data, tmp_path, monkeypatch):
+    """In-process run in stream mode: every batch came from the prefetch ring (no request strayed
+    from rank_plan), also with --deterministic's micro-shards and after resuming mid-epoch."""
+    from distcnn import train
+    from distcnn.data import stream
+
+    misses = []
+    real_close = stream.StreamSplit.close
+
+    def close(self):
+        if self.max_rows:
+            misses.append((self.misses, self._pre is not None))
+        real_close(self)
+
+    monkeypatch.setattr(stream.StreamSplit, "close", close)
+    from tests.conftest import TINY_SPEC
+
+    d = tmp_path / "run"
+    args = ["--data", str(tiny_data), "--model", TINY_SPEC, "--batch-size", "24"]
+    args += ["--data-mode", "stream", "--checkpoint-dir", str(d), "--no-progress", "--threads", "1"]
+    assert train.main([*args, "--max-steps", "3"]) == 0
+    assert train.main([*args, "--max-steps", "9", "--resume", "auto"]) == 0
+    assert train.main([*args, "--max-steps", "12", "--resume", "auto", "--deterministic"]) == 0
+    assert misses == [(0, True)] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# A run knows its data: resuming on other data is refused
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_on_other_data_exits_2_naming_both_fingerprints(tiny_data, tmp_path):
+    """The checkpoint records the fingerprint; a smaller train split (which used to crash with
+    ZeroDivisionError) or one changed label is refused with one line and exit 2, nothing
+    written; --allow-data-change resumes (and a smaller split starts the next epoch)."""
+    from distcnn import checkpoint as ckpt
+    from distcnn import train
+    from tests.conftest import TINY_SPEC
+
+    d = tmp_path / "run"
+    args = ["--model", TINY_SPEC, "--batch-size", "16", "--checkpoint-dir", str(d)]
+    args += ["--no-progress", "--threads", "1"]
+    assert train.main([*args, "--data", str(tiny_data), "--max-steps", "6"]) == 0
+    saved = sorted(d.glob("ckpt-*.h5"))
+    assert ckpt.load(saved[-1]).dataset_fingerprint == fingerprint(tiny_data)
+    with h5py.File(tiny_data, "r") as f:
+        images, labels = f["train/images"][()], f["train/labels"][()]
+        test = (f["test/images"][()], f["test/labels"][()])
+    smaller = _write(tmp_path / "smaller.h5", (images[:60], labels[:60]), test)
+    relabelled = labels.copy()
+    relabelled[7] = (relabelled[7] + 1) % 3
+    other = _write(tmp_path / "other.h5", (images, relabelled), test)
+    for path in (smaller, other):
+        before = sorted(p.name for p in d.iterdir())
+        r = run_train([*args, "--data", str(path), "--max-steps", "12", "--resume", "auto"])
+        assert r.returncode == 2, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "Traceback" not in r.stderr
+        assert f"hash {fingerprint(tiny_data)['hash']}" in last
+        assert f"hash {fingerprint(path)['hash']}" in last and "--allow-data-change" in last
+        assert sorted(p.name for p in d.iterdir()) == before  # nothing written
+    r = run_train(
+        [*args, "--data", str(smaller), "--max-steps", "12", "--resume", "auto"]
+        + ["--allow-data-change"]
+    )
+    assert r.returncode == 0, r.stderr
+    assert "--allow-data-change: resuming on train 60x1x8x8" in r.stderr
+    assert ckpt.load(sorted(d.glob("ckpt-*.h5"))[-1]).step == 12
+
+
+@pytest.mark.mpi
+def test_bad_data_in_shared_mode_ends_every_rank_with_one_line(tmp_path):
+    """Only the node's reading rank sees the NaN pixel; all ranks agree and exit 2, no hang."""
+    from tests.conftest import TINY_SPEC
+
+    path = tmp_path / "nan.h5"
+    images = np.zeros((40, 1, 8, 8), np.float32)
+    images[33, 0, 2, 5] = np.nan
+    with h5py.File(path, "w") as f:
+        f.attrs["num_classes"] = 3
+        f.create_dataset("train/images", data=images)
+        f.create_dataset("train/labels", data=np.arange(40) % 3)
+    args = ["--data", str(path), "--model", TINY_SPEC, "--data-mode", "shared"]
+    r = run_train([*args, "--checkpoint-dir", str(tmp_path / "run")], ranks=2, timeout=60)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "non-finite pixel (nan) in image 33" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr

@@ -39,7 +39,7 @@ from distcnn.data.checks import (
 from distcnn.data.cli import main
 from distcnn.data.dataset import DEFAULT_DATASET, dataset_summary, load_split
 from distcnn.data.fingerprints import describe as describe_fingerprint
-from distcnn.data.fingerprints import fingerprint
+from distcnn.data.fingerprints import fingerprint, resume_problem
 from distcnn.data.modes import DATA_MODES, Data, open_data, rank_plan
 from distcnn.data.readers import (
     _as_image_dtype,
@@ -69,6 +69,7 @@ __all__ = [
     "main",
     "open_data",
     "rank_plan",
+    "resume_problem",
     "read_csv",
     "read_idx",
     "read_npz",

@@ -88,3 +88,18 @@ def describe(fp: dict[str, Any] | None) -> str:
         shape = "x".join(str(d) for d in [s["n"], *s["image_shape"]])
         parts.append(f"{name} {shape} {s['dtype']}")
     return f"{', '.join(parts)}, {fp.get('num_classes')} classes, hash {fp.get('hash')}"
+
+
+def resume_problem(
+    recorded: dict[str, Any] | None, current: dict[str, Any], checkpoint: str, data: str
+) -> str | None:
+    """Why resuming `checkpoint` (which recorded `recorded`) on `data` (fingerprint `current`)
+    would train on other data, as one line naming both fingerprints and the fixes; None when
+    they match or the checkpoint records none (older checkpoints)."""
+    if recorded is None or recorded.get("hash") == current.get("hash"):
+        return None
+    return (
+        f"{checkpoint} was trained on a different dataset ({describe(recorded)}) than --data "
+        f"{data} ({describe(current)}): give the dataset it was trained on, or pass "
+        "--allow-data-change to resume on this one"
+    )
