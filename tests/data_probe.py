@@ -1,6 +1,7 @@
 """Run under mpirun by tests/test_data_modes.py: open a dataset in a --data-mode, touch every
 sample of the train split, and print (rank 0) one JSON line with each rank's growth of its
-proportional set size (PSS, /proc/self/smaps_rollup, kB) and the split's size in memory.
+proportional set size (PSS, /proc/self/smaps_rollup, kB) and the splits' size in memory (all
+splits of the file; the epoch of batches is over train).
 
     mpirun -n 4 python -m tests.data_probe FILE.h5 shared|stream|private
 """
@@ -33,15 +34,21 @@ def main() -> int:
     shard = -(-B // comm.size)
     comm.bcast(np.zeros(1), 0, "start")
     before = pss_kb()
-    if mode == "private":
-        train = load_split(path, "train")
-        nbytes = train.images.nbytes + train.labels.nbytes
+    if mode == "private":  # what every rank did before the data modes: its own copy
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            names = [n for n in ("train", "val", "test") if n in f]
+        splits = [load_split(path, n) for n in names]
     else:
         data = open_data(path, comm, mode, max_rows=shard)
-        train = data.train
-        nbytes = len(train) * (int(np.prod(train.image_shape)) * train.dtype.itemsize + 8)
-    if hasattr(train, "images"):  # every rank touches every page of its (or the node's) copy
-        int(train.images.sum(dtype=np.int64)) + int(train.labels.sum())
+        splits = [s for s in (data.train, data.val, data.test) if s is not None]
+    train = splits[0]
+    per_sample = [int(np.prod(s.image_shape)) * s.dtype.itemsize + 8 for s in splits]
+    nbytes = sum(len(s) * b for s, b in zip(splits, per_sample, strict=True))
+    for s in splits:  # every rank touches every page of its (or the node's) copy
+        if hasattr(s, "images"):
+            int(s.images.sum(dtype=np.int64)) + int(s.labels.sum())
     comm.bcast(np.zeros(1), 0, "opened")
     opened = pss_kb() - before
     n = len(train)

@@ -3,6 +3,7 @@ of a training step per --data-mode.
 
     python -m distcnn.data.bench layouts FILE.h5 [--rounds 5] [--seconds 1]
     python -m distcnn.data.bench share FILE.h5 [--steps 60] [--batch-size 128]
+    python -m distcnn.data.bench stream-demo DIR [--gb 2.2] [--ranks 2] [--steps 200]
 
 `layouts` copies the train images of FILE into several layouts (in a temporary directory) and
 reads batches of 64 random samples from each, interleaved round by round so that the machine's
@@ -178,6 +179,143 @@ def data_share(
     return {"data_s": t_data / measured, "step_s": t_all / measured, "share": t_data / t_all}
 
 
+def share_report(steps: int = 60, rounds: int = 1, timeout: float = 900) -> list[str]:
+    """Lines for distcnn.bench: the data share of the step per --data-mode on the shipped
+    dataset's train split (copied to a temporary file in the sample layout), measured by
+    `python -m distcnn.data.bench share` in a fresh process."""
+    import subprocess
+
+    from distcnn.data import DEFAULT_DATASET, write_dataset
+
+    if not DEFAULT_DATASET.exists():
+        return [f"data share per mode: skipped ({DEFAULT_DATASET.name} is not built)"]
+    with h5py.File(DEFAULT_DATASET, "r") as f:
+        train = (f["train/images"][()], f["train/labels"][()])
+        k = int(f.attrs["num_classes"])
+        stats = {a: f.attrs[a] for a in ("mean", "std") if a in f.attrs}
+    with tempfile.TemporaryDirectory(prefix="distcnn-share-") as tmp:
+        path = Path(tmp) / "train.h5"
+        write_dataset(path, {"train": train}, k, stats)
+        cmd = [sys.executable, "-m", "distcnn.data.bench", "share", str(path)]
+        cmd += ["--steps", str(steps), "--rounds", str(rounds)]
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return ["data share per mode: timed out"]
+    if out.returncode != 0:
+        return [f"data share per mode: failed ({out.stderr.strip().splitlines()[-1:]})"]
+    head = f"data share of the step per --data-mode ({len(train[1])} train images, 1 process):"
+    return [head] + ["  " + line for line in out.stdout.strip().splitlines()]
+
+
+DEMO_SPEC = "conv:8:3,relu,maxpool:2,conv:16:3,relu,maxpool:2,flatten,dense:32,relu,dense"
+
+
+def make_big_dataset(path: Path, gb: float, block: int = 20_000) -> int:
+    """A synthetic 10-class dataset of 3x32x32 uint8 images, `gb` GB of train images (a class
+    brightens one band of rows, so it is learnable), written block by block in the sample
+    layout; 2,000 test images. Returns the number of train images."""
+    from distcnn.data import write_dataset
+
+    shape = (3, 32, 32)
+    n = int(gb * 1e9) // int(np.prod(shape))
+    rng = np.random.default_rng(0)
+
+    def block_of(k: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 10, k)
+        images = rng.integers(0, 90, (k, *shape), dtype=np.uint8)
+        for c in range(10):
+            images[labels == c, :, 3 * c : 3 * c + 3, :] += 150
+        return images, labels
+
+    write_dataset(path, {"train": block_of(1), "test": block_of(2000)}, 10, {"source": "synthetic"})
+    with h5py.File(path, "r+") as f:  # grow train to n rows in place (contiguous, uncompressed)
+        del f["train"]
+        g = f.create_group("train")
+        images = g.create_dataset("images", shape=(n, *shape), dtype=np.uint8)
+        labels = g.create_dataset("labels", shape=(n,), dtype=np.int64)
+        for a in range(0, n, block):
+            im, lab = block_of(min(block, n - a))
+            images[a : a + len(im)] = im
+            labels[a : a + len(im)] = lab
+    return n
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def train_with_peak_rss(argv: list[str]) -> int:
+    """Run distcnn.train in this process, then print this rank's peak RSS (VmHWM) as one line
+    `peak_rss_mb <rank> <MB>` on stdout (every rank prints its own)."""
+    from mpi4py import MPI
+
+    from distcnn import train
+
+    code = train.main(argv)
+    print(f"peak_rss_mb {MPI.COMM_WORLD.Get_rank()} {_peak_rss_mb():.1f}", flush=True)
+    return code
+
+
+def stream_demo(directory: str, gb: float, ranks: int, steps: int) -> int:
+    """Train on a dataset at least 4x larger than a rank may use, streaming it, and check the
+    peak RSS of every rank against a quarter of the train images' size."""
+    import json
+    import subprocess
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "big.h5"
+    if not path.exists():
+        t = time.perf_counter()
+        n = make_big_dataset(path, gb)
+        print(f"wrote {path}: {n} train images 3x32x32 in {time.perf_counter() - t:.0f} s")
+    with h5py.File(path, "r") as f:
+        n = f["train/images"].shape[0]
+        image_mb = f["train/images"].nbytes / 1e6
+    limit_mb = image_mb / 4
+    run = d / "run"
+    log = d / "metrics.jsonl"
+    log.unlink(missing_ok=True)
+    mpirun = Path(sys.executable).parent / "mpirun"
+    cmd = [str(mpirun if mpirun.exists() else "mpirun"), "-n", str(ranks), sys.executable]
+    cmd += ["-m", "distcnn.data.bench", "train-rss", "--data", str(path), "--model", DEMO_SPEC]
+    cmd += ["--data-budget", f"{limit_mb:.0f}", "--batch-size", "128", "--max-steps", str(steps)]
+    cmd += ["--checkpoint-dir", str(run), "--log", str(log), "--no-progress", "--lr", "0.02"]
+    cmd += ["--eval-batch-size", "500"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    print("$ " + " ".join(cmd))
+    t = time.perf_counter()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    sys.stdout.write(out.stdout)
+    sys.stderr.write(out.stderr[-2000:])
+    peaks = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("peak_rss_mb "):
+            _, r, mb = line.split()
+            peaks[int(r)] = float(mb)
+    recs = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    phases = [r["phase_seconds"] for r in recs if r.get("kind") == "step" and r["step"] > 20]
+    share = None
+    if phases:
+        data_s = sum(p["data"] for p in phases)
+        share = data_s / sum(sum(p.values()) for p in phases)
+    print(
+        f"train images {n} ({image_mb:.0f} MB), {ranks} rank(s), {steps} steps in {wall:.0f} s; "
+        f"allowed per rank: {limit_mb:.0f} MB (a quarter of the images); peak RSS per rank: "
+        + ", ".join(f"rank {r} {mb:.0f} MB" for r, mb in sorted(peaks.items()))
+        + (f"; data share of the step (rank 0, after step 20): {share:.1%}" if share else "")
+    )
+    ok = out.returncode == 0 and len(peaks) == ranks and max(peaks.values()) < limit_mb
+    print("OK: every rank stayed under the limit" if ok else "FAILED")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distcnn.data.bench", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -190,7 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     sh.add_argument("--steps", type=int, default=60)
     sh.add_argument("--batch-size", type=int, default=128)
     sh.add_argument("--rounds", type=int, default=3)
+    demo = sub.add_parser("stream-demo", help="train streaming a dataset 4x a rank's memory")
+    demo.add_argument("dir", help="where the synthetic file and the run go")
+    demo.add_argument("--gb", type=float, default=2.2, help="GB of train images")
+    demo.add_argument("--ranks", type=int, default=2)
+    demo.add_argument("--steps", type=int, default=200)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-rss"]:  # internal: one rank of stream-demo
+        return train_with_peak_rss(argv[1:])
     args = p.parse_args(argv)
+    if args.cmd == "stream-demo":
+        return stream_demo(args.dir, args.gb, args.ranks, args.steps)
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cpus")
     if args.cmd == "layouts":
         rows = layout_bench(args.file, args.rounds, args.seconds)

@@ -151,16 +151,16 @@ def open_data(
 
 def rank_plan(
     seed: int, n: int, batch_size: int, size: int, rank: int, epoch: int = 0, offset: int = 0
-) -> Iterator[np.ndarray]:
-    """This rank's shard of every coming global batch, from `offset` samples into `epoch` on
-    (endless over epochs): what the training loop asks a split for, step by step, so that a
-    stream split can read it ahead. Mirrors the loop: global batch = order[offset:offset + B],
-    the rank's part = shard_bounds of it; an epoch ends when its order is used up."""
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(epoch, this rank's shard) of every coming global batch, from `offset` samples into
+    `epoch` on (endless over epochs): what the training loop asks a split for, step by step, so
+    that a stream split can make it ahead. Mirrors the loop: global batch = order[offset:offset
+    + B], the rank's part = shard_bounds of it; an epoch ends when its order is used up."""
     while True:
         order = epoch_order(seed, epoch, n)
         while offset < n:
             batch = order[offset : offset + batch_size]
             lo, hi = shard_bounds(len(batch), size, rank)
-            yield batch[lo:hi]
+            yield epoch, batch[lo:hi]
             offset += len(batch)
         epoch, offset = epoch + 1, 0

@@ -76,18 +76,24 @@ class Batches:
     def _gather(self, rows: np.ndarray, out: np.ndarray) -> None:
         raise NotImplementedError
 
-    def prefetch(self, plan: Iterable[np.ndarray]) -> None:
-        """Hint: the index arrays `batch` will be asked for next, in order (in memory: no-op)."""
+    def prefetch(self, plan: Iterable[tuple[int, np.ndarray]]) -> None:
+        """Hint: the (epoch, index array) pairs `batch` will be asked for next, in order (in
+        memory: nothing to do)."""
+        self._prefetch(plan, self.augment)
+
+    def _prefetch(self, plan: Iterable[tuple[int, np.ndarray]], augment: Augment | None) -> None:
+        pass
 
     def close(self) -> None:
         """Release what the split holds open (in memory: nothing)."""
 
-    def _buffer(self, name: str, n: int, dtype: Any) -> np.ndarray:
+    def _buffer(self, name: str, n: int, dtype: Any, scratch: dict | None = None) -> np.ndarray:
         """Scratch (n, C, H, W) array, allocated once and grown only for a larger batch."""
-        buf = self._scratch.get(name)
+        scratch = self._scratch if scratch is None else scratch
+        buf = scratch.get(name)
         if buf is None or buf.shape[0] < n:
             buf = np.empty((n, *self.image_shape), dtype=dtype)
-            self._scratch[name] = buf
+            scratch[name] = buf
         return buf[:n]
 
     def batch(self, idx: np.ndarray, out: np.ndarray | None = None, epoch: int = 0) -> np.ndarray:
@@ -122,24 +128,43 @@ class Batches:
             return dst
         if idx.min() < 0 or idx.max() >= len(self):  # the gathers use mode="clip"
             raise IndexError(f"sample index out of range [0, {len(self)})")
+        self._fill(idx, dst, epoch, augment)
+        return dst
+
+    def _fill(self, idx: np.ndarray, dst: np.ndarray, epoch: int, augment: Augment | None) -> None:
+        """dst (B, C, H, W) float32 = the normalised (augmented) samples idx: gather, then
+        _normalise."""
         if self.dtype == np.uint8:
-            pixels = self._buffer("pixels", n, np.uint8)  # (B, C, H, W)
+            pixels = self._buffer("pixels", len(idx), np.uint8)  # (B, C, H, W)
             self._gather(idx, pixels)
-            if augment is not None:
-                augment(pixels, idx, epoch)
-            codes = self._buffer("codes", n, np.intp)  # (B, C, H, W): c*256 + pixel
+        else:
+            pixels = dst
+            self._gather(idx, dst)
+        self._normalise(pixels, dst, idx, epoch, augment, self._scratch)
+
+    def _normalise(
+        self,
+        pixels: np.ndarray,
+        dst: np.ndarray,
+        rows: np.ndarray,
+        epoch: int,
+        augment: Augment | None,
+        scratch: dict,
+    ) -> None:
+        """Augment the gathered stored pixels (B, C, H, W) in place, then normalise them into
+        dst (B, C, H, W) float32 (for float32 images pixels IS dst). `scratch` holds this
+        caller's buffers (a prefetch thread has its own), so it may run in another thread."""
+        if augment is not None:
+            augment(pixels, rows, epoch)
+        if self.dtype == np.uint8:
+            codes = self._buffer("codes", len(rows), np.intp, scratch)  # c*256 + pixel
             np.copyto(codes, pixels)  # widen in place (np.add would use a cast buffer)
             if self.image_shape[0] > 1:  # NumPy may use its fixed-size (64 KiB) ufunc buffer
                 codes += self._lut_offset
             np.take(self._lut, codes, out=dst, mode="clip")
-        else:
-            self._gather(idx, dst)
-            if augment is not None:
-                augment(dst, idx, epoch)
-            if self.mean is not None:
-                dst -= self.mean.reshape(-1, 1, 1)  # views, no copy
-                dst /= self.std.reshape(-1, 1, 1)
-        return dst
+        elif self.mean is not None:
+            dst -= self.mean.reshape(-1, 1, 1)  # views, no copy
+            dst /= self.std.reshape(-1, 1, 1)
 
     def subset(self, rows: np.ndarray) -> SplitView:
         """The samples `rows` (M,) of this split as a split of their own (no copy of pixels)."""
@@ -221,8 +246,8 @@ class SplitView(Batches):
             raise IndexError(f"sample index out of range [0, {len(self)})")
         return self.base._batch(self.rows[idx], out, epoch, augment)
 
-    def prefetch(self, plan: Iterable[np.ndarray]) -> None:
-        self.base.prefetch(self.rows[idx] for idx in plan)
+    def _prefetch(self, plan: Iterable[tuple[int, np.ndarray]], augment: Augment | None) -> None:
+        self.base._prefetch(((epoch, self.rows[idx]) for epoch, idx in plan), augment)
 
     def close(self) -> None:
         self.base.close()

@@ -1,15 +1,15 @@
 """--data-mode stream: a split whose images stay in the file; each rank reads only its samples.
 
 `StreamSplit` keeps the labels (N,) in memory (8 bytes a sample) and reads image rows with a
-`RowReader` when `batch` asks for them. With a plan (`prefetch(plan)`: the index arrays that
-`batch` will be asked for, in order; the trainer passes this rank's shard of every coming step)
-a background thread reads `depth` steps ahead into a fixed ring of buffers, so reading overlaps
-the forward/backward pass and memory stays bounded: depth + 2 buffers of one step's shard,
-whatever the file size. `batch` takes the next rows of the plan from the ring; a request that
-does not match the plan (the caller strayed from it) is read directly and ends the prefetch, so
-the plan only ever changes the speed, never the result. The rows are copied, augmented and
-normalised by the same code as in memory (distcnn.data.split), so streamed batches are bitwise
-the in-memory ones.
+`RowReader` when `batch` asks for them. With a plan (`prefetch(plan)`: the (epoch, index array)
+pairs that `batch` will be asked for, in order; the trainer passes this rank's shard of every
+coming step) a background thread makes the batches `depth` steps ahead into a fixed ring of
+float32 buffers: it reads the rows, augments and normalises them with the same code as in
+memory (distcnn.data.split), so streamed batches are bitwise the in-memory ones, and the
+training thread only copies a finished batch out. Reading overlaps the forward/backward pass
+and memory stays bounded: depth + 2 buffers of one step's shard, whatever the file size. A
+request that does not match the plan (the caller strayed from it) is read directly and ends the
+prefetch, so the plan only ever changes the speed, never the result.
 
 The thread spends its time in os.preadv (the GIL released) on the contiguous layout that
 `build` writes; on chunked, compressed files every random row costs a chunk's inflation, which
@@ -19,76 +19,95 @@ The thread spends its time in os.preadv (the GIL released) on the contiguous lay
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from distcnn.data.dataset import SplitInfo, _file_labels, _open_h5, split_info
 from distcnn.data.rows import RowReader
-from distcnn.data.split import Batches
+from distcnn.data.split import Augment, Batches
 from distcnn.errors import UsageError
 
 _DONE = object()  # the plan ran out
+_THREAD_NAP = 0.002  # s the prefetch thread sleeps while every buffer is full
+_WAIT_NAP = 0.0002  # s the training thread sleeps while the next batch is not ready
 
 
 class Prefetcher:
-    """A thread that reads the rows of `plan` (an iterator of (B,) index arrays) ahead, in order,
-    into a ring of `depth` + 2 preallocated buffers of `max_rows` rows each."""
+    """A thread that makes the batches of `plan` (an iterator of (epoch, (B,) index array))
+    ahead, in order: it reads the rows, augments and normalises them (the split's own code,
+    with the thread's own scratch) into a ring of `depth` + 2 preallocated float32 buffers of
+    `max_rows` samples each."""
 
     def __init__(
-        self, reader: RowReader, plan: Iterator[np.ndarray], depth: int, max_rows: int
+        self,
+        split: StreamSplit,
+        reader: RowReader,
+        plan: Iterator[tuple[int, np.ndarray]],
+        augment: Augment | None,
+        depth: int,
+        max_rows: int,
     ) -> None:
-        self.reader, self.plan = reader, plan
-        self.free: queue.Queue = queue.Queue()
-        self.full: queue.Queue = queue.Queue()
+        self.split, self.reader, self.plan, self.augment = split, reader, plan, augment
+        # Plain deques, polled: waking a blocked thread through a queue.Queue cost the training
+        # thread ~5 ms per step on a loaded machine (the woken thread preempts the waker);
+        # appending to a deque wakes nobody.
+        self.free: deque = deque()
+        self.full: deque = deque()
         for _ in range(depth + 2):  # depth ahead + the one being consumed + the one being filled
-            self.free.put(np.empty((max_rows, *reader.row_shape), dtype=reader.dtype))
+            self.free.append(np.empty((max_rows, *split.image_shape), dtype=np.float32))
         self.max_rows = max_rows
+        self.scratch: dict = {}
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.read_seconds = 0.0  # time the thread spent reading (for the report)
+        self.read_seconds = 0.0  # time the thread spent reading and normalising
         self.thread = threading.Thread(target=self._run, name="distcnn-prefetch", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
-            for rows in self.plan:
+            for epoch, rows in self.plan:
                 rows = np.asarray(rows, dtype=np.int64)
-                if rows.shape[0] == 0:
+                n = rows.shape[0]
+                if n == 0:
                     continue  # nothing is asked for an empty shard
-                if rows.shape[0] > self.max_rows:
-                    raise ValueError(f"a plan step has {rows.shape[0]} rows > {self.max_rows}")
-                buf = None
-                while buf is None:
+                if n > self.max_rows:
+                    raise ValueError(f"a plan step has {n} rows > {self.max_rows}")
+                while not self.free:
                     if self.stop.is_set():
                         return
-                    try:
-                        buf = self.free.get(timeout=0.1)
-                    except queue.Empty:
-                        continue
+                    time.sleep(_THREAD_NAP)
+                buf = self.free.popleft()
                 t = time.perf_counter()
-                self.reader.read(rows, buf)
+                dst = buf[:n]
+                if self.split.dtype == np.uint8:
+                    pixels = self.split._buffer("pixels", n, np.uint8, self.scratch)
+                else:
+                    pixels = dst
+                self.reader.read(rows, pixels)
+                self.split._normalise(pixels, dst, rows, epoch, self.augment, self.scratch)
                 self.read_seconds += time.perf_counter() - t
-                self.full.put((rows, buf))
+                self.full.append((epoch, rows, buf))
         except BaseException as e:  # reported to the consumer, which re-raises it
             self.error = e
-        self.full.put(_DONE)
+        self.full.append(_DONE)
 
-    def next_block(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The next (rows, buffer) of the plan (waits for it), or None when the plan is done."""
-        item = self.full.get()
+    def next_block(self) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """The next (epoch, rows, buffer) of the plan (waits for it), or None when it is done."""
+        while not self.full:
+            time.sleep(_WAIT_NAP)
+        item = self.full[0]
         if item is _DONE:
-            self.full.put(_DONE)
             if self.error is not None:
                 raise self.error
             return None
-        return item
+        return self.full.popleft()
 
     def release(self, buf: np.ndarray) -> None:
-        self.free.put(buf)
+        self.free.append(buf)
 
     def close(self) -> None:
         self.stop.set()
@@ -99,7 +118,7 @@ class Prefetcher:
 class StreamSplit(Batches):
     """A split read from the file on demand (see the module docstring).
 
-    depth: steps read ahead by the prefetch thread; max_rows: the largest index array a plan
+    depth: steps made ahead by the prefetch thread; max_rows: the largest index array a plan
     step may hold (the trainer's shard of a global batch).
     """
 
@@ -113,7 +132,7 @@ class StreamSplit(Batches):
         self.reader = RowReader(info.path, info.name)  # this thread's own reads
         self._init_batches()
         self._pre: Prefetcher | None = None
-        self._block: tuple[np.ndarray, np.ndarray] | None = None
+        self._block: tuple[int, np.ndarray, np.ndarray] | None = None
         self._pos = 0
         self.misses = 0  # requests that did not follow the plan (read directly)
         self.wait_seconds = 0.0  # time batch() waited for the prefetch thread
@@ -130,12 +149,12 @@ class StreamSplit(Batches):
     def kind(self) -> str:
         return self.reader.kind
 
-    def prefetch(self, plan: Iterable[np.ndarray]) -> None:
-        """Start (or restart) reading ahead along `plan`."""
+    def _prefetch(self, plan: Iterable[tuple[int, np.ndarray]], augment: Augment | None) -> None:
+        """Start (or restart) making batches ahead along `plan`, augmented with `augment`."""
         self._stop_prefetch()
         if self.max_rows > 0:
             reader = RowReader(self.info.path, self.info.name)
-            self._pre = Prefetcher(reader, iter(plan), self.depth, self.max_rows)
+            self._pre = Prefetcher(self, reader, iter(plan), augment, self.depth, self.max_rows)
 
     def _stop_prefetch(self) -> None:
         if self._pre is not None:
@@ -147,25 +166,35 @@ class StreamSplit(Batches):
         self._stop_prefetch()
         self.reader.close()
 
-    def _gather(self, rows: np.ndarray, out: np.ndarray) -> None:
-        n = rows.shape[0]
-        if self._pre is not None:
+    def _fill(self, idx: np.ndarray, dst: np.ndarray, epoch: int, augment: Augment | None) -> None:
+        """The next rows of the plan's current block when they are what is asked (same rows,
+        same epoch, same augmentation); otherwise a direct read, which ends the prefetch."""
+        pre = self._pre
+        if pre is not None:
             if self._block is None:
                 t = time.perf_counter()
-                self._block, self._pos = self._pre.next_block(), 0
+                self._block, self._pos = pre.next_block(), 0
                 self.wait_seconds += time.perf_counter() - t
             if self._block is not None:
-                planned, buf = self._block
-                a, b = self._pos, self._pos + n
-                if b <= planned.shape[0] and np.array_equal(planned[a:b], rows):
-                    out[...] = buf[a:b]
+                b_epoch, planned, buf = self._block
+                a, b = self._pos, self._pos + idx.shape[0]
+                if (
+                    b <= planned.shape[0]
+                    and b_epoch == epoch
+                    and augment is pre.augment
+                    and np.array_equal(planned[a:b], idx)
+                ):
+                    dst[...] = buf[a:b]
                     self._pos = b
                     if b == planned.shape[0]:
-                        self._pre.release(buf)
+                        pre.release(buf)
                         self._block = None
                     return
             self.misses += 1
             self._stop_prefetch()
+        super()._fill(idx, dst, epoch, augment)
+
+    def _gather(self, rows: np.ndarray, out: np.ndarray) -> None:
         self.reader.read(rows, out)
 
 
