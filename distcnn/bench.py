@@ -105,12 +105,17 @@ def _memory_mib() -> tuple[float, float]:
     return fields.get("VmHWM", 0.0), fields.get("VmRSS", 0.0)
 
 
+CPU_SECONDS: list[float] = [0.0]  # CPU time of the last _timed_steps (this process, all threads)
+
+
 def _timed_steps(
     step: Any, seconds: float, min_steps: int, agree: Any = None
 ) -> tuple[int, float, list[float]]:
     """Run `step` until `seconds` have passed (at least min_steps). With several ranks,
     `agree(n)` returns rank 0's count on every rank, so all make the same collectives.
-    Returns (steps, wall seconds, every step's milliseconds)."""
+    Returns (steps, wall seconds, every step's milliseconds); the process's CPU seconds over
+    the same steps go to CPU_SECONDS[0] (on a loaded machine they exclude the time the process
+    waited for a core)."""
     t0 = time.perf_counter()
     step()
     one = time.perf_counter() - t0
@@ -118,12 +123,15 @@ def _timed_steps(
     if agree is not None:
         steps = agree(steps)
     samples = []
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for _ in range(steps):
         t = time.perf_counter()
         step()
         samples.append(round(1e3 * (time.perf_counter() - t), 4))
-    return steps, time.perf_counter() - t0, samples
+    wall = time.perf_counter() - t0
+    CPU_SECONDS[0] = time.process_time() - c0
+    return steps, wall, samples
 
 
 def _numpy_isa() -> dict[str, Any]:
@@ -198,6 +206,7 @@ def measure_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
     hwm_end, rss_end = _memory_mib()
     out: dict[str, Any] = {
         "train_ips": steps * per_rank / wall,
+        "train_ips_cpu": steps * per_rank / max(CPU_SECONDS[0], 1e-9),
         "step_ms": 1e3 * wall / steps,
         "step_ms_samples": samples,
         "data_share": timers["data"] * share / wall,
@@ -298,6 +307,7 @@ def measure_torch(cfg: dict[str, Any]) -> dict[str, Any]:
     steps, wall, samples = _timed_steps(train_step, cfg["seconds"], cfg.get("min_steps", 3), agree)
     out: dict[str, Any] = {
         "train_ips": steps * batch / wall,
+        "train_ips_cpu": steps * batch / max(CPU_SECONDS[0], 1e-9),
         "step_ms": 1e3 * wall / steps,
         "step_ms_samples": samples,
         "hwm_end": _memory_mib()[0],
@@ -694,7 +704,7 @@ def report(
             )
             print(f"{label:26s}{cells}")
         if torch_ok:
-            cells = ""
+            cells = cpu_cells = ""
             for isa in isas:
                 d = m(f"distcnn/{mkey}/{isa}", "train_ips")
                 de = m(f"distcnn/{mkey}/{isa}", "eval_ips")
@@ -703,12 +713,16 @@ def report(
                 best = max(lay, key=lambda k: lay[k] or 0)
                 be = max((m(f"torch-{k}/{mkey}/{isa}", "eval_ips") or 0) for k in lay) or None
                 rt, re_ = _ratio(d, lay[best]), _ratio(de, be)
+                dc = m(f"distcnn/{mkey}/{isa}", "train_ips_cpu")
+                tc = m(f"torch-{best}/{mkey}/{isa}", "train_ips_cpu")
                 summary[f"1thread/{mkey}/{isa}"] = {
                     "distcnn": d, "torch_best": lay[best], "torch_best_layout": best,
-                    "ratio": rt, "eval_ratio": re_,
+                    "ratio": rt, "eval_ratio": re_, "ratio_cpu_time": _ratio(dc, tc),
                 }  # fmt: skip
                 cells += f"{_x(rt):>15s}{_x(re_):>14s}"
+                cpu_cells += f"{_x(_ratio(dc, tc)):>15s}{'':14s}"
             print(f"{'distcnn / best PyTorch':26s}{cells}")
+            print(f"{'  the same by CPU time':26s}{cpu_cells}")
         for isa in isas:
             print(f"  {isa}: distcnn ran {_isa_line(res.get(f'distcnn/{mkey}/{isa}', []))}")
             if torch_ok:
