@@ -306,8 +306,6 @@ class Comm:
         if self.size == 1:
             self.seq += 1
             return obj
-        import pickle
-
         data = pickle.dumps(obj) if self.rank == root else b""
         n = np.array([len(data)], dtype=np.int64)
         self.bcast(n, root, what)
@@ -323,6 +321,27 @@ class Comm:
             self.seq += 1
             return [obj]
         return [self.bcast_object(obj, root=r, what=what) for r in range(self.size)]
+
+    def gather_to_root(self, obj: Any, root: int = 0, what: str = "gather") -> list[Any] | None:
+        """Every rank's small picklable object, in rank order, on `root` (None elsewhere):
+        two collectives (the sizes, then the bytes) whatever the number of ranks."""
+        if self.size == 1:
+            self.seq += 1
+            return [obj]
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8).copy()
+        sizes = np.zeros(self.size, dtype=np.int64)
+        mine = np.array([data.size], dtype=np.int64)
+        self._run(lambda: self.mpi.Igather(mine, sizes, root=root), what)
+        counts = sizes.astype(np.int32) if self.rank == root else None
+        recv = None
+        if self.rank == root:
+            displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+            buf = np.empty(int(sizes.sum()), dtype=np.uint8)
+            recv = [buf, counts, displs, MPI.BYTE]
+        self._run(lambda: self.mpi.Igatherv(data, recv, root=root), what)
+        if self.rank != root:
+            return None
+        return [pickle.loads(buf[d : d + c].tobytes()) for d, c in zip(displs, counts, strict=True)]
 
     def check_replicas(self, params: np.ndarray) -> list[int]:
         """Ranks whose parameters differ bitwise from rank 0's (empty when all agree)."""
@@ -384,7 +403,7 @@ class Comm:
         errors = [got[r] for r in range(self.size)]
         for r, e in enumerate(errors):
             if e:
-                return e if r == 0 or all(x == e for x in errors if x) else f"[rank {r}] {e}"
+                return e if r == 0 or all(x == e for x in errors) else f"[rank {r}] {e}"
         return None
 
     # -- waiting with a watchdog -------------------------------------------------------------
