@@ -179,7 +179,6 @@ def check(comm: Comm, cfg: Config | None, err: str | None = None) -> tuple[str |
     The verdict is None when all agree, else the one line naming the rank, the key and both
     values, or the error of the first rank that could not establish its facts (`err`, an error
     this rank already hit in its setup, with cfg None; or its dataset unreadable on its host).
-    Rank 0 prints the rank table when all agree.
     """
     lr = local_rank(comm)
     mine = {"error": err, "host": socket.gethostname(), "pid": os.getpid(), "local_rank": lr}
@@ -191,8 +190,6 @@ def check(comm: Comm, cfg: Config | None, err: str | None = None) -> tuple[str |
         assert every is not None
         verdict = (first_difference(every), table_lines(every))
     err, lines = comm.bcast_object(verdict, 0, "agreement of the ranks (verdict)")
-    if comm.rank == 0 and not err:
-        print("\n".join(lines), flush=True)
     return err, lines
 
 

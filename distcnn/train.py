@@ -143,6 +143,8 @@ def _run(
     err, rank_table = agree.check(comm, None if err else cfg, err)
     if err:
         return _error(err) if comm.rank == 0 else 2
+    if comm.rank == 0 and not cfg.dry_run:
+        print("\n".join(rank_table), flush=True)
     try:
         if cfg.dry_run:
             if comm.rank == 0:

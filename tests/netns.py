@@ -50,9 +50,9 @@ case "$host" in
 {cases}
   *) echo "netns launcher: unknown host $host" >&2; exit 255 ;;
 esac
-exec ip netns exec "$ns" unshare --uts --ipc --mount --propagation private sh -c \\
-  'hostname "$1" && mount -t tmpfs -o size={shm},mode=1777 shm /dev/shm && shift && exec sh -c "$*"' \\
-  netns-launcher "$name" "$@"
+setup='hostname "$1" && mount -t tmpfs -o size={shm},mode=1777 shm /dev/shm && shift'
+exec ip netns exec "$ns" unshare --uts --ipc --mount --propagation private \\
+  sh -c "$setup"' && exec sh -c "$*"' netns-launcher "$name" "$@"
 """
 
 
@@ -111,8 +111,11 @@ class Host:
 class Cluster:
     """`n` simulated hosts on a bridge; `close()` (always) deletes every namespace made."""
 
+    made = 0  # clusters made by this process, for unique names
+
     def __init__(self, n: int, workdir: Path) -> None:
-        self.tag = f"{PREFIX}{os.getpid()}"
+        Cluster.made += 1
+        self.tag = f"{PREFIX}{os.getpid()}-{Cluster.made}"
         rnd = random.Random(os.getpid() ^ int(time.time()))
         # a private /24 chosen per session; it exists only on the bridge made here
         self.net = f"10.{rnd.randrange(200, 250)}.{rnd.randrange(1, 255)}"
@@ -122,7 +125,7 @@ class Cluster:
             Host(f"{self.tag}-node{i + 1}", f"{self.tag}-h{i + 1}", f"{self.net}.{i + 1}")
             for i in range(n)
         ]
-        self.launcher = workdir / "netns-ssh"
+        self.launcher = workdir / f"netns-ssh-{Cluster.made}"
         self._made: list[str] = []
         try:
             self._build()
@@ -148,9 +151,7 @@ class Cluster:
             _sh(ip, "-n", self.hub, "link", "set", port, "master", "br0", "up")
             _sh(ip, "-n", h.netns, "addr", "add", f"{h.address}/24", "dev", "eth0")
             _sh(ip, "-n", h.netns, "link", "set", "eth0", "up")
-        cases = "\n".join(
-            f"  {h.address}) ns={h.netns}; name={h.name} ;;" for h in self.hosts
-        )
+        cases = "\n".join(f"  {h.address}) ns={h.netns}; name={h.name} ;;" for h in self.hosts)
         self.launcher.write_text(LAUNCHER.format(cases=cases, shm=SHM_SIZE))
         self.launcher.chmod(0o755)
 
@@ -183,6 +184,8 @@ class Cluster:
         started by this session's launches); returns their PIDs."""
         killed = []
         for h in self.hosts:
+            if h.netns not in self._made:
+                continue
             for pid in self.pids(h):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -192,7 +195,8 @@ class Cluster:
         return killed
 
     def close(self) -> None:
-        self.kill_leftovers() if self._made else None
+        if self._made:
+            self.kill_leftovers()
         for name in reversed(self._made):
             _sh("ip", "netns", "del", name, check=False)
         self._made.clear()
