@@ -101,8 +101,13 @@ def facts(cfg: Config, local_rank: int) -> dict[str, Any]:
         spec = cfg.model or REFERENCE_SPEC
         out["model"] = spec
         train = fp["splits"].get("train")
-        if train is not None:
+        try:
             out["parameters"] = model_facts(spec, train["image_shape"], fp["num_classes"])
+        except (UsageError, TypeError, ValueError, KeyError):
+            # a spec that does not fit this data (or data the trainer will refuse): the same
+            # on every rank that has the same spec and data, and reported by the trainer's own
+            # checks with their messages
+            out["parameters"] = None
     except UsageError as e:
         out["error"] = str(e)
     except Exception as e:  # an unreadable file on this host only: say so, with the reason
@@ -154,9 +159,10 @@ def table_lines(every: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def table_record(lines: list[str]) -> dict[str, Any]:
-    """The rank table as a metrics-log record (step 0: kept when a resumed run trims its log)."""
-    return {"kind": "ranks", "time": time.time(), "step": 0, "lines": lines[1:]}
+def table_record(lines: list[str], step: int) -> dict[str, Any]:
+    """The rank table as a metrics-log record: `step` is where this attempt starts (so a run
+    resumed from that step or later keeps it), `lines` the table's lines after `ranks:`."""
+    return {"kind": "ranks", "time": time.time(), "step": step, "lines": lines[1:]}
 
 
 def local_rank(comm: Comm) -> int:

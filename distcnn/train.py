@@ -176,7 +176,8 @@ def _run(
     from distcnn.trainer import SaveFailed
 
     trainer.start()
-    trainer.console.record(agree.table_record(rank_table))
+    if trainer.state.step < trainer.total_steps:  # this attempt's ranks, in the metrics log
+        trainer.console.record(agree.table_record(rank_table, trainer.state.step))
     if comm.rank == 0:
         print(f"threads per rank: {n_threads} (from {thread_source})", flush=True)
         print("config: " + json.dumps(trainer.cfg.as_dict(), sort_keys=True), flush=True)
