@@ -27,6 +27,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from distcnn import faults
 from distcnn.errors import UsageError
 
 FORMAT_VERSION = 1
@@ -59,6 +60,9 @@ class Checkpoint:
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the trainer's log window
     format_version: int = FORMAT_VERSION  # as read from the file
+    # distcnn.data.fingerprint of the dataset trained on (root attr dataset_fingerprint, JSON);
+    # None: not recorded (older checkpoints)
+    dataset_fingerprint: dict[str, Any] | None = None
 
 
 def file_name(step: int) -> str:
@@ -117,6 +121,8 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
         "data_order": DATA_ORDER,
         "extra": json.dumps(ck.extra, sort_keys=True),
     }
+    if ck.dataset_fingerprint is not None:
+        attrs["dataset_fingerprint"] = json.dumps(ck.dataset_fingerprint, sort_keys=True)
     attrs["attrs_sha256"] = _attrs_digest(attrs)
     try:
         with open(tmp, "wb") as raw:
@@ -133,6 +139,7 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
                     f.attrs[k] = v
             raw.flush()
             os.fsync(raw.fileno())
+        faults.during_save(ck.step)  # DISTCNN_FAULT=0:<step>:kill-save dies here (drills)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
@@ -216,6 +223,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
         model=str(attrs["model"]),
         config=json.loads(attrs["config"]),
         extra=json.loads(attrs.get("extra", "{}")),
+        dataset_fingerprint=(
+            json.loads(attrs["dataset_fingerprint"]) if "dataset_fingerprint" in attrs else None
+        ),
     )
 
 
