@@ -120,6 +120,8 @@ def _show(key: str, value: Any) -> str:
         from distcnn.data import describe_fingerprint
 
         return describe_fingerprint(value)
+    if key.endswith(" version"):
+        return str(value)
     return repr(value) if isinstance(value, str) else str(value)
 
 
@@ -186,6 +188,9 @@ def check(comm: Comm, cfg: Config | None, err: str | None = None) -> tuple[str |
     values, or the error of the first rank that could not establish its facts (`err`, an error
     this rank already hit in its setup, with cfg None; or its dataset unreadable on its host).
     """
+    from distcnn import faults
+
+    faults.at_setup(comm.rank)  # DISTCNN_FAULT=<rank>:setup:<mode> (drills)
     lr = local_rank(comm)
     mine = {"error": err, "host": socket.gethostname(), "pid": os.getpid(), "local_rank": lr}
     if cfg is not None and err is None:

@@ -102,13 +102,14 @@ def test_a_rank_with_another_flag_is_refused_with_one_line(
     hosts: tuple[Path, ...], flag: list[str], message: str
 ) -> None:
     a, b, _ = hosts
-    res, took = mpmd([(args(), a, {}), (args(flag), b, {})])
+    refused = ["--checkpoint-dir", "ck-refused"]
+    res, took = mpmd([(args(refused), a, {}), (args([*flag, *refused]), b, {})])
     assert res.returncode == 2, res.stderr
     assert took < LIMIT, took
     (line,) = lines(res.stderr)  # one line, no traceback, nothing from rank 1
     assert line.startswith("error: rank 1 disagrees with rank 0 ") and message in line, line
     assert line.endswith(agree.FIX)
-    assert not (a / "ck" / "ckpt-00000003.h5").exists()
+    assert not (a / "ck-refused").exists()  # refused before any work
 
 
 def test_another_dataset_under_the_same_path_is_refused(hosts: tuple[Path, ...]) -> None:
