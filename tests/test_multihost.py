@@ -320,3 +320,26 @@ def test_cluster_is_cleaned_up_when_closed(cluster: Cluster, tmp_path: Path) -> 
     c.close()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(n in listed for n in names)
+
+
+# -- the doctor across hosts ---------------------------------------------------------------
+
+
+def test_doctor_across_hosts(cluster: Cluster, dataset: Path, tmp_path: Path) -> None:
+    """The preflight under the same launcher line as training: the table shows both hosts and
+    their local ranks, the layout and the hierarchical path, and the network is measured."""
+    tmp_path.mkdir(exist_ok=True)
+    flags = ["--data", str(dataset), "--model", TINY_SPEC, "--checkpoint-dir", "ck"]
+    cmd = [*cluster.mpiexec([2, 2]), sys.executable, "-m", "distcnn.doctor", *flags]
+    res = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    h1, h2 = cluster.hosts[0].name, cluster.hosts[1].name
+    rows = [x.split() for x in out.splitlines() if re.match(r"\d+ +dcnt", x)]
+    assert [(r[0], r[1], r[3]) for r in rows] == [
+        ("0", h1, "0"), ("1", h1, "1"), ("2", h2, "0"), ("3", h2, "1")
+    ]  # fmt: skip
+    assert f"nodes: {h1} (ranks 0-1), {h2} (ranks 2-3): 2 node(s) x 2 rank(s)" in out
+    assert "gradient allreduce: shared memory (2 ranks per node, MPI across 2 nodes" in out
+    assert "measured here (4 ranks): alpha " in out
+    assert out.splitlines()[-1] == "verdict: OK - 4 rank(s) agree and can train"
