@@ -285,24 +285,45 @@ def test_min_ranks_is_a_floor(fake: Fake, capsys) -> None:
     assert "--min-ranks 3" in err and fake.doc()["state"] == "failed"
 
 
-def test_sigterm_to_the_supervisor_reaches_the_job_and_stops(fake: Fake) -> None:
-    (fake.dir / "plan.json").write_text(json.dumps([{"term": 0}, {"exit": 0}]))
-    cmd = [sys.executable, "-m", "distcnn.supervise", "--launcher", fake.launcher, "--"]
+def start_supervisor(fake: Fake, plan: list[dict], own: list[str]) -> subprocess.Popen:
+    (fake.dir / "plan.json").write_text(json.dumps(plan))
+    cmd = [sys.executable, "-m", "distcnn.supervise", "--launcher", fake.launcher, *own, "--"]
     cmd += ["--checkpoint-dir", str(fake.run_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize(
+    ("sig", "job_code", "code"), [("SIGTERM", 0, 0), ("SIGUSR1", 0, 0), ("SIGINT", 130, 130)]
+)
+def test_a_signal_to_the_supervisor_reaches_the_job_and_stops(
+    fake: Fake, sig: str, job_code: int, code: int
+) -> None:
+    p = start_supervisor(fake, [{"term": job_code}, {"exit": 0}], [])
     assert p.stdout is not None
     for line in p.stdout:  # the job is up
         if "waiting for a signal" in line:
             break
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.Signals[sig])
     out, err = p.communicate(timeout=30)
-    assert p.returncode == 0, err
-    assert "fake job got SIGTERM" in out
+    assert p.returncode == code, err
+    assert f"fake job got {sig}" in out  # passed on, once
     assert len(fake.calls()) == 1  # not restarted
     doc = fake.doc()
     assert doc["state"] == "stopped" and doc["attempts"][0]["outcome"] == "stopped"
-    assert "stopped by SIGTERM; not restarting" in err
+    assert f"stopped by {sig}; not restarting" in err
+
+
+def test_sigterm_during_the_backoff_stops_without_restarting(fake: Fake) -> None:
+    p = start_supervisor(fake, [{"exit": 1}], ["--backoff", "60"])
+    assert p.stderr is not None
+    for line in p.stderr:
+        if "restarting after a failure in 60 s" in line:
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and len(fake.calls()) == 1
+    assert fake.doc()["state"] == "stopped" and "stopped by SIGTERM" in err
 
 
 @pytest.mark.parametrize(
