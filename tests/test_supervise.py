@@ -549,9 +549,17 @@ def test_chaos_run_heals_itself_and_matches_an_uninterrupted_run(
     status = run / "status.json"
     if status.exists():  # written by the trainer from DISTCNN_RESTARTS
         assert json.loads(status.read_text())["restarts"] == 4
+    # where a restart's time goes: from the end of an attempt to the next one's first step
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    times = [x["time"] for x in steps if x["kind"] == "step"]
+    gaps = [
+        min(t for t in times if t >= nxt["start"]) - prev["end"]
+        for prev, nxt in zip(attempts, attempts[1:], strict=False)
+    ]
     print(
         f"chaos run: uninterrupted {t_ref:.1f} s, supervised {t_sup:.1f} s with 4 restarts "
-        f"(one 3 s watchdog wait): {(t_sup - t_ref) / 4:.1f} s per restart"
+        f"(one 3 s watchdog wait): {(t_sup - t_ref) / 4:.1f} s per restart; end of an attempt to "
+        f"the next one's first step: {', '.join(f'{g:.1f}' for g in gaps)} s"
     )
 
 
