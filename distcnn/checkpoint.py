@@ -60,6 +60,9 @@ class Checkpoint:
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the trainer's log window
     format_version: int = FORMAT_VERSION  # as read from the file
+    # distcnn.data.fingerprint of the dataset trained on (root attr dataset_fingerprint, JSON);
+    # None: not recorded (older checkpoints)
+    dataset_fingerprint: dict[str, Any] | None = None
 
 
 def file_name(step: int) -> str:
@@ -118,6 +121,8 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
         "data_order": DATA_ORDER,
         "extra": json.dumps(ck.extra, sort_keys=True),
     }
+    if ck.dataset_fingerprint is not None:
+        attrs["dataset_fingerprint"] = json.dumps(ck.dataset_fingerprint, sort_keys=True)
     attrs["attrs_sha256"] = _attrs_digest(attrs)
     try:
         with open(tmp, "wb") as raw:
@@ -218,6 +223,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
         model=str(attrs["model"]),
         config=json.loads(attrs["config"]),
         extra=json.loads(attrs.get("extra", "{}")),
+        dataset_fingerprint=(
+            json.loads(attrs["dataset_fingerprint"]) if "dataset_fingerprint" in attrs else None
+        ),
     )
 
 
