@@ -66,6 +66,9 @@ class Checkpoint:
     optimizer_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     buffers: dict[str, np.ndarray] = field(default_factory=dict)  # batch norm statistics
     format_version: int = FORMAT_VERSION  # as read from the file
+    # distcnn.data.fingerprint of the dataset trained on (root attr dataset_fingerprint, JSON);
+    # None: not recorded (older checkpoints)
+    dataset_fingerprint: dict[str, Any] | None = None
 
 
 def file_name(step: int) -> str:
@@ -124,6 +127,8 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
         "data_order": DATA_ORDER,
         "extra": json.dumps(ck.extra, sort_keys=True),
     }
+    if ck.dataset_fingerprint is not None:
+        attrs["dataset_fingerprint"] = json.dumps(ck.dataset_fingerprint, sort_keys=True)
     attrs["attrs_sha256"] = _attrs_digest(attrs)
     try:
         with open(tmp, "wb") as raw:
@@ -236,6 +241,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
             if k.startswith("optimizer/") and k != "optimizer/velocity"
         },  # fmt: skip
         buffers=arrays.get("buffers", {}),
+        dataset_fingerprint=(
+            json.loads(attrs["dataset_fingerprint"]) if "dataset_fingerprint" in attrs else None
+        ),
     )
 
 
