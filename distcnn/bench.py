@@ -1011,6 +1011,10 @@ def report(
     share = m("distcnn/ref/native", "data_share")
     print(f"data loading (Split.batch): {_fmt(share * 100 if share is not None else None, '.2f')} "
           "% of the reference step")  # fmt: skip
+    if not args.smoke:  # the data share per --data-mode, on the shipped dataset (distcnn.data)
+        from distcnn.data.bench import share_report
+
+        print("\n".join(share_report(30 if args.quick else 60, 1 if args.quick else rounds)))
 
     print("\n== Peak memory per process (VmHWM, MiB): after warm-up -> after the timed steps ==")
     for key, label in (("distcnn/ref/native", f"batch {b}"), ("mem512", "batch 512")):
