@@ -47,7 +47,7 @@ def test_the_schema_derives_flags_toml_keys_and_defaults() -> None:
     assert config.SCHEMA["max_steps"].type is int and config.SCHEMA["max_steps"].optional
     assert config.SCHEMA["lr"].type is float and not config.SCHEMA["lr"].optional
     assert "checkpoint_dir" in config.NON_TRAJECTORY and "lr" not in config.NON_TRAJECTORY
-    assert config.NOT_INHERITED == {"max_steps", "resume", "dry_run"}
+    assert config.NOT_INHERITED == {"max_steps", "resume", "dry_run", "allow_data_change"}
     flags = config.parse_flags(["--batch-size", "7", "--deterministic", "--clip-norm", "2"])
     assert flags == {"batch_size": 7, "deterministic": True, "clip_norm": 2.0}
     cfg, _ = config.resolve(flags)
