@@ -524,6 +524,9 @@ class FakeRank1:
     def bcast_object(self, obj: Any, root: int = 0, what: str = "") -> Any:
         return obj  # on rank 1 the outcome travels from rank 0; here: "" (success)
 
+    def gather_objects(self, obj: Any, what: str = "") -> list[Any]:
+        return [obj] * self.size  # the data setup's agreements: every rank as this one
+
 
 def test_console_and_save_are_silent_off_rank_0(
     dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
@@ -534,6 +537,7 @@ def test_console_and_save_are_silent_off_rank_0(
     log = tmp_path / "log.jsonl"
     cfg, _ = config.resolve(
         {"data": str(dataset), "model": TINY_SPEC, "checkpoint_dir": str(tmp_path / "ck")}
+        | {"data_mode": "stream"}  # no shared-memory window without a real communicator
     )
     trainer = Trainer(cfg, FakeRank1(), ["a warning"], None, None)
     trainer.save()
