@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             flags = config.parse_flags(argv)
     except UsageError as e:
         err = str(e)
-    err = agree.early_settle(world, err, config.DEFAULTS["collective_timeout"])
+    err, _ = agree.early_settle(world, err, config.DEFAULTS["collective_timeout"])
     if err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
