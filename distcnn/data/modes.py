@@ -23,7 +23,7 @@ import numpy as np
 
 from distcnn.data.dataset import _file_splits, _open_h5, load_split, split_info
 from distcnn.data.rows import layout_of
-from distcnn.data.shared import agree, load_shared, node_comm
+from distcnn.data.shared import WindowFailed, agree, load_shared, node_comm
 from distcnn.data.split import Batches
 from distcnn.data.stream import StreamSplit, open_stream
 from distcnn.errors import UsageError
@@ -123,10 +123,14 @@ def open_data(
             try:
                 for n in names:
                     splits[n] = load_shared(path, n, comm, node)  # MPI
+                line = f"data: shared ({why}): one copy per node of {node.Get_size()} rank(s)"
+                line += f", {_mb(need)}"
+            except WindowFailed as e:  # e.g. /dev/shm full or a file-size limit: as before
+                splits = {n: load_split(path, n) for n in names}
+                line = f"data: shared ({why}) unavailable, {e}: every rank holds its own copy"
+                line += f", {_mb(need)} each (or use --data-mode stream)"
             finally:
-                local = node.Get_size()
                 node.Free()
-            line = f"data: shared ({why}): one copy per node of {local} rank(s), {_mb(need)}"
     else:
         try:
             for n in names:

@@ -29,12 +29,16 @@ if TYPE_CHECKING:  # importing mpi4py starts MPI: only when a shared split is ma
     from mpi4py import MPI
 
 
-def agree(comm: Any, err: str | None, what: str) -> None:
-    """MPI: every rank learns the first error any rank hit, and raises it (UsageError)."""
+class WindowFailed(RuntimeError):
+    """The shared-memory window could not be allocated (raised on every rank together)."""
+
+
+def agree(comm: Any, err: str | None, what: str, error: type = UsageError) -> None:
+    """MPI: every rank learns the first error any rank hit, and raises it (`error`)."""
     errors = comm.gather_objects(err, what)  # MPI: under the watchdog
     for r, e in enumerate(errors):
         if e:
-            raise UsageError(e if r == 0 or all(x == e for x in errors if x) else f"[rank {r}] {e}")
+            raise error(e if r == 0 or all(x == e for x in errors if x) else f"[rank {r}] {e}")
 
 
 def node_comm(comm: Any) -> MPI.Comm:
@@ -105,11 +109,9 @@ def load_shared(path: str | os.PathLike, split: str, comm: Any, node: MPI.Comm) 
         window = SharedWindow(node, window_bytes(info))
     except MPI.Exception as e:  # e.g. /dev/shm too small
         reason = str(e).strip().splitlines()[-1].strip(" :")
-        err = (
-            f"cannot allocate {window_bytes(info) / 1e6:.1f} MB of shared memory for /{split} of "
-            f"{path} ({reason}): free /dev/shm or use --data-mode stream"
-        )
-    agree(comm, err, f"shared window for /{split}")  # MPI
+        err = f"no shared-memory window of {window_bytes(info) / 1e6:.1f} MB ({reason})"
+    # MPI: all fall back together (a window that did open is left alone, as comm.py does)
+    agree(comm, err, f"shared window for /{split}", WindowFailed)
     assert window is not None
     images, labels = _views(window.memory, info)
     if window.local == 0:
