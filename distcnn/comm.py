@@ -28,7 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from mpi4py import MPI
+
+from distcnn.mpienv import MPI
 
 _ARRIVE_TAG = 7
 _SPIN_SECONDS = 0.002  # poll without sleeping this long; then sleep between polls

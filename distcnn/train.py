@@ -31,7 +31,12 @@ def _error(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mpi4py import MPI
+    try:  # mpi4py's MPI, or a one-process stand-in when no MPI library is installed
+        from distcnn.mpienv import MPI
+    except UsageError as e:  # several ranks launched, no MPI library: what to install
+        from distcnn.mpienv import launched_rank
+
+        return _error(str(e)) if launched_rank() == 0 else 2
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
@@ -205,7 +210,11 @@ def _dry_run(cfg: dict[str, Any], n_threads: int, thread_source: str, ranks: int
     train = datamod.load_split(path, "train")
     with h5py.File(path, "r") as f:
         splits = {k: f[k]["labels"].shape[0] for k in f if isinstance(f[k], h5py.Group)}
-    model = Model(cfg["model"] or REFERENCE_SPEC, train.image_shape, train.num_classes)
+    from distcnn.safefile import check_model_memory
+
+    spec = cfg["model"] or REFERENCE_SPEC
+    check_model_memory(spec, train.image_shape, train.num_classes, -(-cfg["batch_size"] // ranks))
+    model = Model(spec, train.image_shape, train.num_classes)
     print("config: " + json.dumps(cfg, sort_keys=True))
     print(f"ranks: {ranks}, threads per rank: {n_threads} (from {thread_source})")
     print(f"data: {path} {splits}, image {train.image_shape}, {train.num_classes} classes")
