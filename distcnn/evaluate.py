@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fault(comm: Any) -> None:
     """DISTCNN_FAULT=<rank>:<step>:<raise|exit|hang>: that rank fails before the evaluation's
     collective (evaluate has no steps: any step value fires; `nan` does not apply)."""
-    from distcnn.trainer import fault_from_env, inject_fault
+    from distcnn.faults import fault_from_env, inject_fault
 
     fault = fault_from_env(comm.rank)
     if fault is not None and fault[1] != "nan":

@@ -135,7 +135,9 @@ def rewrite_tensor(path: Path, name: str, value: np.ndarray | None = None, **cre
         del f["model"][name]
         if value is not None:
             d = f["model"].create_dataset(name, data=value, **create)
-            d.attrs["sha256"] = hashlib.sha256(np.ascontiguousarray(value).view(np.uint8)).hexdigest()
+            d.attrs["sha256"] = hashlib.sha256(
+                np.ascontiguousarray(value).view(np.uint8)
+            ).hexdigest()
         else:
             f["model"].create_dataset(name, **create)
 
@@ -146,7 +148,9 @@ def redigest(path: Path, **attrs) -> None:
         for k, v in attrs.items():
             f.attrs[k] = v
         plain = {
-            k: (v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v)
+            k: (
+                v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v
+            )
             for k, v in f.attrs.items()
         }
         f.attrs["attrs_sha256"] = ckpt._attrs_digest(plain)
@@ -405,7 +409,9 @@ def test_png_declared_huge_is_refused_from_its_header(tmp_path, ck_path, capsys)
     from distcnn import predict
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     png = tmp_path / "huge.png"
     ihdr = struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0)
@@ -450,9 +456,7 @@ def test_predict_normalises_from_the_checkpoint_when_the_dataset_is_gone(
             assert prob == pytest.approx(want[i, c], rel=1e-5)
 
 
-def test_old_checkpoint_without_record_and_without_dataset_is_refused(
-    tmp_path, norm_data, capsys
-):
+def test_old_checkpoint_without_record_and_without_dataset_is_refused(tmp_path, norm_data, capsys):
     from distcnn import predict
 
     old = make_ck(tmp_path / "old.h5", norm_data, record=False)
@@ -577,9 +581,7 @@ NO_MPI = {"MPI4PY_LIBMPI": "/nonexistent/libmpi.so"}  # mpi4py then cannot load 
 
 def test_one_process_runs_without_an_mpi_library(tmp_path, norm_data):
     run = tmp_path / "run"
-    code, out, err, _ = cli(
-        "distcnn.train", "--data", str(norm_data), "--dry-run", env=NO_MPI
-    )
+    code, out, err, _ = cli("distcnn.train", "--data", str(norm_data), "--dry-run", env=NO_MPI)
     assert code == 0 and "Traceback" not in err and "params" in out, err
     code, out, err, _ = cli(
         "distcnn.train", "--data", str(norm_data), "--model", TINY_SPEC, "--max-steps", "3",
