@@ -1,6 +1,6 @@
 """HDF5 checkpoints: atomic, checksummed, complete enough to continue a run exactly.
 
-Layout (INTERFACE.md):
+Layout (docs/interface.md):
     /model/<name>               float32 parameters, PyTorch names and shapes (conv1.weight, ...)
     /optimizer/velocity/<name>  SGD momentum buffers, same names and shapes
     root attrs                  format_version, magic, step, epoch, offset (samples of this

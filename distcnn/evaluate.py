@@ -144,10 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate a checkpoint; 0 on success, 2 on bad input."""
     try:  # mpi4py's MPI, or a one-process stand-in when no MPI library is installed
         from distcnn.mpienv import MPI
-    except UsageError as e:
-        from distcnn.mpienv import launched_rank
-
-        if launched_rank() == 0:
+    except UsageError as e:  # several ranks launched, no MPI library: what to install
+        if getattr(e, "rank", 0) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
 

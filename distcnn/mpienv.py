@@ -26,7 +26,10 @@ _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "SLURM_
 
 
 class MPIUnavailable(UsageError):
-    """Several ranks were launched but this Python cannot load an MPI library."""
+    """Several ranks were launched but this Python cannot load an MPI library; `rank` is this
+    process's rank as the launcher numbered it."""
+
+    rank = 0
 
 
 def launched_ranks() -> int:
@@ -78,6 +81,21 @@ class _SelfComm:
 
     def Barrier(self) -> None:  # noqa: N802
         pass
+
+    barrier = Barrier
+
+    # mpi4py's pickle-based lowercase collectives, for one rank: the object itself
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def allreduce(self, obj: Any, op: Any = None) -> Any:
+        return obj
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any]:
+        return [obj]
 
     def Abort(self, code: int = 1) -> None:  # noqa: N802
         sys.stdout.flush()
@@ -131,8 +149,10 @@ except (ImportError, RuntimeError, OSError) as _e:
     _lines = [line.strip() for line in str(_e).splitlines() if line.strip()]
     REASON = _lines[-1] if _lines else type(_e).__name__
     if launched_ranks() > 1:
-        raise MPIUnavailable(
+        _err = MPIUnavailable(
             f"{launched_ranks()} ranks were launched but this Python cannot load an MPI library "
             f"({REASON}): {INSTALL}"
-        ) from None
+        )
+        _err.rank = launched_rank()  # only rank 0 prints it
+        raise _err from None
     MPI = _SelfMPI()  # type: ignore[assignment]

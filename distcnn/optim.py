@@ -1,6 +1,6 @@
 """SGD with momentum and weight decay on flat buffers, and learning-rate schedules.
 
-One step, exactly as INTERFACE.md defines it (g is the gradient of the mean loss over the
+One step, exactly as docs/interface.md defines it (g is the gradient of the mean loss over the
 global batch):
     v = momentum * v + g + weight_decay * p
     p = p - lr * v

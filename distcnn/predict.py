@@ -187,10 +187,14 @@ def load_inputs(args: argparse.Namespace, model: Model, ck: Any) -> tuple[Inputs
         split, warning = restore.apply_recorded_norm(split, ck, f"{path} /{split_name}")
         names = [str(i) for i in range(len(split))]
         return Inputs(split, names, True, f"{path} /{split_name}"), warning
+    if len(args.inputs) == 1 and path.suffix == ".npz":
+        safefile.check_file(path, "input", "give an .npz with an array 'images'")
+    else:
+        for f in args.inputs:
+            safefile.check_file(f, "input", "give data.h5:SPLIT, an .npz or image files")
     norm = restore.normalisation(ck, args.data, model.input_shape[0])
     k = model.num_classes
     if len(args.inputs) == 1 and path.suffix == ".npz":
-        safefile.check_file(path, "input", "give an .npz with an array 'images'")
         images, labels = read_npz_images(path)
         _check_shape(images.shape[1:], model, str(path))
         _refuse_unknown_scale(norm, images.dtype == np.uint8, str(path))
@@ -198,8 +202,6 @@ def load_inputs(args: argparse.Namespace, model: Model, ck: Any) -> tuple[Inputs
         lab = labels if has else np.zeros(len(images), dtype=np.int64)
         split = datamod.Split(images, lab, k, norm.mean, norm.std)
         return Inputs(split, [str(i) for i in range(len(images))], has, str(path)), None
-    for f in args.inputs:
-        safefile.check_file(f, "input", "give data.h5:SPLIT, an .npz or image files")
     _refuse_unknown_scale(norm, True, "image files")
     images = read_images(args.inputs, model.input_shape[0], model.input_shape[1:])
     _check_shape(images.shape[1:], model, args.inputs[0])

@@ -19,6 +19,7 @@ import numpy as np
 from distcnn import checkpoint as ckpt
 from distcnn import data as datamod
 from distcnn import safefile
+from distcnn.data.checks import _norm_stats
 from distcnn.errors import UsageError
 from distcnn.model import Model
 
@@ -70,7 +71,7 @@ def normalisation(ck: ckpt.Checkpoint, data: str | None, channels: int) -> Norma
     not there."""
     rec = ck.inference or {}
     if "pixels" in rec:
-        mean, std = datamod._norm_stats(rec.get("mean"), rec.get("std"), channels, "checkpoint")
+        mean, std = _norm_stats(rec.get("mean"), rec.get("std"), channels, "checkpoint")
         return Normalisation(str(rec["pixels"]), mean, std, "the checkpoint")
     path = dataset_path(data, ck)
     if not path.is_file():
@@ -83,7 +84,7 @@ def normalisation(ck: ckpt.Checkpoint, data: str | None, channels: int) -> Norma
     with safefile.open_h5(path, "dataset file", fix) as f:
         mean = safefile.read_attr(f, "mean", path, "dataset file", fix)
         std = safefile.read_attr(f, "std", path, "dataset file", fix)
-    mean, std = datamod._norm_stats(mean, std, channels, str(path))
+    mean, std = _norm_stats(mean, std, channels, str(path))
     return Normalisation(None, mean, std, str(path))
 
 
@@ -95,7 +96,7 @@ def apply_recorded_norm(split: datamod.Split, ck: ckpt.Checkpoint, where: str) -
     if "pixels" not in rec:
         return split, None
     c = split.image_shape[0]
-    mean, std = datamod._norm_stats(rec.get("mean"), rec.get("std"), c, "checkpoint")
+    mean, std = _norm_stats(rec.get("mean"), rec.get("std"), c, "checkpoint")
 
     def same(a: Any, b: Any) -> bool:
         if a is None or b is None:

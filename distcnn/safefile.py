@@ -380,10 +380,11 @@ def dataset(f: Any, name: str, path: Path, what: str, fix: str) -> Any:
     return obj
 
 
-def check_dataset(ds: Any, path: Path, what: str, fix: str) -> int:
+def check_dataset(ds: Any, path: Path, what: str, fix: str, whole: bool = True) -> int:
     """Bytes reading `ds` whole allocates, after refusing what cannot or must not be read: a
-    null dataspace, external or virtual storage, an unavailable filter, unwritten chunks, more
-    than memory_limit() bytes."""
+    null dataspace, external or virtual storage, an unavailable filter, unwritten chunks and,
+    when it is to be read `whole`, more than memory_limit() bytes (a reader that streams it in
+    pieces passes whole=False)."""
     import h5py
 
     name = ds.name
@@ -393,7 +394,9 @@ def check_dataset(ds: Any, path: Path, what: str, fix: str) -> int:
             raise UsageError(f"{what} {path}: {name} has a null dataspace (no data at all): {fix}")
         itemsize = ds.dtype.itemsize
         nbytes = shape_bytes(shape, itemsize)
-        require_bytes(nbytes, f"{what} {path}: {name}, declared {tuple(shape)} {ds.dtype},", fix)
+        if whole:
+            what_size = f"{what} {path}: {name}, declared {tuple(shape)} {ds.dtype},"
+            require_bytes(nbytes, what_size, fix)
         _check_storage(ds, path, what, name)
         dcpl = ds.id.get_create_plist()
         for i in range(dcpl.get_nfilters()):
@@ -452,3 +455,80 @@ def read_attr(obj: Any, key: str, path: Path, what: str, fix: str) -> Any:
     if isinstance(value, h5py.Empty):
         raise UsageError(f"{what} {path}: attribute {key!r} is empty: {fix}")
     return value
+
+
+@contextlib.contextmanager
+def open_source(path: str | os.PathLike, what: str, fix: str = "check the path") -> Iterator[Any]:
+    """A binary reader of a regular file, gunzipping it when it starts with the gzip magic;
+    read(n) never produces more than n bytes, so a caller that reads a header first and then
+    exactly the bytes it declares cannot be flooded by a decompression bomb."""
+    import gzip
+
+    p = check_file(path, what, fix)
+    try:
+        raw = open(p, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise UsageError(f"{what} {p} cannot be opened ({e.strerror or e}): {fix}") from None
+    try:
+        head = raw.read(2)
+        raw.seek(0)
+        reader = gzip.GzipFile(fileobj=raw, mode="rb") if head == _GZIP_MAGIC else raw
+        try:
+            yield reader
+        except (OSError, EOFError, zlib.error) as e:
+            raise UsageError(f"{what} {p} is not a valid gzip file ({e}): re-download it") from None
+    finally:
+        raw.close()
+
+
+def npz_headers(path: str | os.PathLike, what: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{array name: (shape, dtype)} of a NumPy .npz, read from each member's .npy header only;
+    refuses (before any array is allocated) a member whose header declares more bytes than the
+    member holds or than memory_limit(), and object arrays."""
+    import zipfile
+
+    import numpy as np
+
+    p = check_file(path, what, "give a NumPy .npz file")
+    out: dict[str, tuple[tuple[int, ...], Any]] = {}
+    fmt = np.lib.format
+    try:
+        with zipfile.ZipFile(p) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = info.filename[:-4]
+                with z.open(info) as fp:
+                    version = fmt.read_magic(fp)
+                    if version == (1, 0):
+                        shape, _, dtype = fmt.read_array_header_1_0(fp)
+                    elif version == (2, 0):
+                        shape, _, dtype = fmt.read_array_header_2_0(fp)
+                    else:
+                        shape, _, dtype = fmt._read_array_header(fp, version)
+                    header = fp.tell()
+                if dtype.hasobject:
+                    raise UsageError(
+                        f"{what} {p}: array {name!r} holds Python objects, which distcnn does not "
+                        "unpickle: save numeric arrays"
+                    )
+                nbytes = shape_bytes(shape, dtype.itemsize)
+                require_bytes(
+                    nbytes, f"{what} {p}: array {name!r}, declared {tuple(shape)} {dtype},",
+                    "give a smaller array, or check the file is not damaged",
+                )  # fmt: skip
+                if header + nbytes > info.file_size:
+                    raise UsageError(
+                        f"{what} {p}: array {name!r} declares {tuple(shape)} {dtype} "
+                        f"({fmt_bytes(nbytes)}) but holds {fmt_bytes(info.file_size - header)}: "
+                        "the file is truncated or damaged; save it again with np.savez"
+                    )
+                out[name] = (tuple(int(d) for d in shape), dtype)
+    except UsageError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise UsageError(
+            f"cannot read {p} as .npz ({type(e).__name__}: {_first_line(e)}): give a NumPy .npz "
+            "file"
+        ) from None
+    return out

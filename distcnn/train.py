@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # mpi4py's MPI, or a one-process stand-in when no MPI library is installed
         from distcnn.mpienv import MPI
     except UsageError as e:  # several ranks launched, no MPI library: what to install
-        from distcnn.mpienv import launched_rank
-
-        return _error(str(e)) if launched_rank() == 0 else 2
+        return _error(str(e)) if getattr(e, "rank", 0) == 0 else 2
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()

@@ -294,9 +294,12 @@ def test_damaged_hdf5_each_gets_one_line(tmp_path, ck_path, norm_data, capsys):
     cases[holes] = "/test/images holds 1 of its 3 chunks"
 
     attr = tmp_path / "attr.h5"
-    attr.write_bytes(norm_data.read_bytes())
-    with h5py.File(attr, "r+") as f:
-        f.attrs.create("mean", shape=(5 << 20,), dtype="f4")  # 20 MiB of "mean"
+    with h5py.File(norm_data) as src, h5py.File(attr, "w", libver="latest") as f:
+        for name in ("train/images", "train/labels", "test/images", "test/labels"):
+            f[name] = src[name][()]
+        f.attrs["num_classes"] = 3
+        f.attrs["mean"] = np.zeros(5 << 20, np.float32)  # 20 MiB of "mean" (dense storage)
+        f.attrs["std"] = np.float32(1)
     cases[attr] = "attribute 'mean' declares 20 MiB"
 
     for path, words in cases.items():
@@ -426,7 +429,7 @@ def test_memory_limit_and_its_env_cap(monkeypatch):
     monkeypatch.setenv("DISTCNN_MAX_BYTES", "1000")
     assert safefile.memory_limit() == 1000
     safefile.require_bytes(1000, "x", "y")
-    with pytest.raises(UsageError, match=r"x needs 1001 B \(1,001 bytes\), more than the 1e\+03 B"):
+    with pytest.raises(UsageError, match=r"x needs 1001 B \(1,001 bytes\), more than the 1000 B"):
         safefile.require_bytes(1001, "x", "y")
     monkeypatch.setenv("DISTCNN_MAX_BYTES", "lots")
     with pytest.raises(UsageError, match="DISTCNN_MAX_BYTES='lots' is not a number"):

@@ -1,6 +1,6 @@
 """The dataset file on disk: opening it, finding and validating its splits, loading one.
 
-File layout (see INTERFACE.md, "Dataset file (HDF5)"):
+File layout (see docs/interface.md, "Dataset file (HDF5)"):
 
     /<split>/images   (N, C, H, W) uint8 (0..255) or float32
     /<split>/labels   (N,) integers in [0, num_classes)
@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from distcnn import safefile
 from distcnn.data.checks import (
     SPLITS,
     _check_finite,
@@ -35,34 +36,34 @@ from distcnn.errors import UsageError
 DEFAULT_DATASET = Path(__file__).resolve().parent.parent.parent / "data" / "mnist.h5"
 
 
+_WHAT = "dataset file"
+_FIX = "check the path, or build one with python -m distcnn.data build"
+
+
 def _open_h5(path: str | os.PathLike) -> h5py.File:
-    """Open an existing HDF5 file read-only, or raise UsageError saying what is wrong."""
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(
-            f"dataset file {p} does not exist: check the path, or build one with "
-            "python -m distcnn.data build"
-        )
-    if p.is_dir():
-        raise UsageError(f"dataset path {p} is a directory: give the .h5 file inside it")
-    if not h5py.is_hdf5(p):
-        raise UsageError(
-            f"{p} is not an HDF5 file: give a dataset built with python -m distcnn.data build"
-        )
-    try:
-        return h5py.File(p, "r")
-    except OSError as exc:
-        raise UsageError(f"cannot open {p} as HDF5 ({exc}): rebuild the file") from None
+    """Open an existing HDF5 file read-only through distcnn.safefile (special files, data
+    outside the file and HDF5 errors refused with one line), or raise UsageError."""
+    return safefile.open_h5(path, _WHAT, _FIX)
+
+
+def _read(ds: h5py.Dataset, path: Path) -> np.ndarray:
+    """A whole dataset, size-checked before it is allocated; damage is one line."""
+    return safefile.read_dataset(ds, path, _WHAT, "rebuild it with python -m distcnn.data build")
+
+
+def _attr(f: h5py.File, key: str, path: Path) -> Any:
+    return safefile.read_attr(f, key, path, _WHAT, "fix or delete the attribute")
 
 
 def _file_num_classes(f: h5py.File, path: Path) -> int:
-    if "num_classes" not in f.attrs:
+    value = _attr(f, "num_classes", path)
+    if value is None:
         raise UsageError(
             f"{path} has no root attribute num_classes: set it, or rebuild the file with "
             "python -m distcnn.data build --num-classes K"
         )
     return _check_num_classes(
-        f.attrs["num_classes"],
+        value,
         f"root attribute num_classes of {path}",
         "set it to the number of classes",
     )
@@ -89,6 +90,8 @@ def _split_datasets(f: h5py.File, path: Path, split: str) -> tuple[h5py.Dataset,
                 "python -m distcnn.data build"
             )
     images, labels = f[split]["images"], f[split]["labels"]
+    for ds in (images, labels):  # readable at all (a null dataspace, an unknown filter, ...)?
+        safefile.check_dataset(ds, path, _WHAT, _FIX, whole=False)
     images_name, labels_name = f"/{split}/images in {path}", f"/{split}/labels in {path}"
     _check_shapes(images.shape, labels.shape, images_name, labels_name)
     _check_image_dtype(images.dtype, images_name)
@@ -102,7 +105,7 @@ def _split_datasets(f: h5py.File, path: Path, split: str) -> tuple[h5py.Dataset,
 
 def _file_labels(f: h5py.File, path: Path, split: str, num_classes: int) -> np.ndarray:
     """(N,) int64 labels of a split, range-checked."""
-    labels = f[split]["labels"][()].astype(np.int64, copy=False)
+    labels = _read(f[split]["labels"], path).astype(np.int64, copy=False)
     _check_label_range(
         labels,
         num_classes,
@@ -127,9 +130,11 @@ def load_split(path: str | os.PathLike, split: str) -> Split:
             labels = _file_labels(f, path, split, num_classes)
         except UsageError as exc:
             raise UsageError(f"{path}: {exc}") from None
-        images = images_ds[()]  # (N, C, H, W)
+        images = _read(images_ds, path)  # (N, C, H, W)
         _check_finite(images, f"/{split}/images in {path}")
-        mean, std = _norm_stats(f.attrs.get("mean"), f.attrs.get("std"), images.shape[1], path)
+        mean, std = _norm_stats(
+            _attr(f, "mean", path), _attr(f, "std", path), images.shape[1], path
+        )
     return Split(images=images, labels=labels, num_classes=num_classes, mean=mean, std=std)
 
 
@@ -167,7 +172,13 @@ def dataset_summary(path: str | os.PathLike) -> dict:
                 labels = _file_labels(f, path, name, num_classes)
             except UsageError as exc:
                 raise UsageError(f"{path}: {exc}") from None
-            _check_finite(images, f"/{name}/images in {path}")
+            # read what is summarised: every chunk decodes (a damaged one is refused here)
+            safefile.check_dataset(images, path, _WHAT, _FIX)
+            with safefile.h5_errors(path, _WHAT, "rebuild it with python -m distcnn.data build"):
+                _check_finite(images, f"/{name}/images in {path}")
+                if images.dtype.kind != "f":
+                    for start in range(0, images.shape[0], 4096):
+                        images[start : start + 4096]
             splits[name] = {
                 "n": int(images.shape[0]),
                 "image_shape": tuple(int(s) for s in images.shape[1:]),
@@ -176,6 +187,6 @@ def dataset_summary(path: str | os.PathLike) -> dict:
             }
         channels = {s["image_shape"][0] for s in splits.values()}
         for c in channels:
-            _norm_stats(f.attrs.get("mean"), f.attrs.get("std"), c, path)
-        attrs = {k: _attr_value(v) for k, v in f.attrs.items() if k != "num_classes"}
+            _norm_stats(_attr(f, "mean", path), _attr(f, "std", path), c, path)
+        attrs = {k: _attr_value(_attr(f, k, path)) for k in f.attrs if k != "num_classes"}
     return {"path": str(path), "num_classes": num_classes, "splits": splits, "attrs": attrs}
