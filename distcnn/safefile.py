@@ -42,6 +42,8 @@ from distcnn.errors import UsageError
 
 MAX_OBJECTS = 10_000  # links an HDF5 file may hold; distcnn's own files have a few dozen
 MAX_ATTR_BYTES = 16 << 20  # one HDF5 attribute (configs, mean/std): far above any real one
+_PROBED: set[tuple[int, int, int, int]] = set()  # files whose metadata probe finished
+PROBE_SECONDS = 10.0  # reading a file's metadata takes milliseconds; damaged, it may never end
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -296,20 +298,98 @@ def h5_errors(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
         raise UsageError(describe_h5_error(e, Path(path), what, fix)) from None
 
 
-def open_h5(path: str | os.PathLike, what: str, fix: str) -> Any:
+def open_h5(path: str | os.PathLike, what: str, fix: str, damaged: str | None = None) -> Any:
     """An h5py.File opened read-only after `check_file`, its links and datasets scanned
-    (`scan_h5`); any failure is a UsageError naming the file. Close it (use `with`)."""
+    (`scan_h5`); any failure is a UsageError naming the file, ending in `fix` (for a path that
+    is not a readable file) or `damaged` (default: fix) for a file HDF5 cannot use. Close it
+    (use `with`)."""
     import h5py
 
     p = check_file(path, what, fix)
-    with h5_errors(p, what, fix):
+    damaged = damaged or fix
+    probe_h5(p, what, damaged)
+    with h5_errors(p, what, damaged):
         f = h5py.File(p, "r")
     try:
-        scan_h5(f, p, what, fix)
+        scan_h5(f, p, what, damaged)
     except BaseException:
         f.close()
         raise
     return f
+
+
+def _read_metadata(path: Path) -> None:
+    """Everything HDF5 decodes from a file's metadata for our readers: the links, each object's
+    attributes (names and values), each dataset's type, space, layout and chunk index."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        names: list[str] = []
+
+        def visit(name: bytes, info: Any) -> int | None:
+            if info.type == h5py.h5l.TYPE_HARD:
+                names.append(name.decode("utf-8", "replace"))
+            return 1 if len(names) > MAX_OBJECTS else None
+
+        f.id.links.visit(visit, info=True)
+        for obj in [f, *(f.get(n) for n in names[:MAX_OBJECTS])]:
+            for key in obj.attrs:
+                aid = obj.attrs.get_id(key)
+                if aid.shape is not None and shape_bytes(aid.shape, 1) <= MAX_ATTR_BYTES:
+                    _ = obj.attrs[key]
+            if isinstance(obj, h5py.Dataset):
+                _ = (obj.shape, obj.dtype)
+                dcpl = obj.id.get_create_plist()
+                if dcpl.get_layout() == h5py.h5d.CHUNKED and obj.shape:
+                    obj.id.get_num_chunks()
+
+
+def probe_h5(path: Path, what: str, fix: str) -> None:
+    """Read the file's metadata first in a forked child with a time limit: damaged metadata can
+    make the HDF5 library loop forever or crash (seen: a corrupted global heap under a string
+    attribute) inside C code, where no Python watchdog can interrupt it. A child that does not
+    finish in PROBE_SECONDS, or dies of a signal, gets the file refused. Skipped where fork is
+    unavailable, and under a launcher with several ranks (MPI and fork do not mix; there the
+    collective watchdog bounds a stuck rank)."""
+    from distcnn.mpienv import launched_ranks
+
+    if not hasattr(os, "fork") or launched_ranks() > 1:
+        return
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _PROBED:  # this very file was probed already (e.g. its train, then its test split)
+        return
+    import time
+
+    pid = os.fork()
+    if pid == 0:  # the child: read, then leave without running any parent cleanup
+        code = 0
+        try:
+            _read_metadata(path)
+        except BaseException:  # errors are found and reported by the parent's own reading
+            code = 3
+        os._exit(code)
+    deadline = time.monotonic() + PROBE_SECONDS
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise UsageError(
+                f"{what} {path}: reading its HDF5 metadata did not finish in {PROBE_SECONDS:g} s "
+                f"(damaged metadata makes the HDF5 library loop): {fix}"
+            )
+        time.sleep(0.002)
+    if os.WIFSIGNALED(status):
+        raise UsageError(
+            f"{what} {path}: reading its HDF5 metadata crashes the HDF5 library (signal "
+            f"{os.WTERMSIG(status)}; the file is damaged): {fix}"
+        )
+    if len(_PROBED) > 256:
+        _PROBED.clear()
+    _PROBED.add(key)
 
 
 def scan_h5(f: Any, path: Path, what: str, fix: str) -> None:
@@ -426,9 +506,60 @@ def check_dataset(ds: Any, path: Path, what: str, fix: str, whole: bool = True) 
     return nbytes
 
 
+def verify_chunks(ds: Any, path: Path, what: str, fix: str) -> None:
+    """Check the zlib checksum (adler32) of every gzip-compressed chunk of `ds`: the HDF5
+    library decodes a chunk whose checksum fails without an error, so a damaged chunk would
+    otherwise read as other pixels. For an unfiltered chunked dataset, every stored chunk must
+    have exactly a chunk's bytes (a damaged filter list makes compressed bytes read as pixels).
+    Nothing to do with HDF5's own fletcher32 chunk checksums (HDF5 verifies those on every
+    read) or other filters."""
+    import h5py
+
+    with h5_errors(path, what, fix):
+        dcpl = ds.id.get_create_plist()
+        if dcpl.get_layout() != h5py.h5d.CHUNKED or not ds.shape:
+            return
+        codes = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+        if not codes:  # unfiltered: every stored chunk holds exactly one chunk's bytes
+            want = shape_bytes(dcpl.get_chunk(), ds.dtype.itemsize)
+            for i in range(ds.id.get_num_chunks()):
+                info = ds.id.get_chunk_info(i)
+                if info.size != want:
+                    raise UsageError(
+                        f"{what} {path}: {ds.name} stores {info.size} bytes for the chunk at "
+                        f"{tuple(info.chunk_offset)} but an uncompressed chunk has {want} (its "
+                        f"filter list or chunk index is damaged): {fix}"
+                    )
+            return
+        if h5py.h5z.FILTER_DEFLATE not in codes or h5py.h5z.FILTER_FLETCHER32 in codes:
+            return
+        if codes[-1] != h5py.h5z.FILTER_DEFLATE:  # deflate must be the outermost filter
+            return
+        deflate_bit = 1 << (len(codes) - 1)
+        for i in range(ds.id.get_num_chunks()):
+            info = ds.id.get_chunk_info(i)
+            mask, raw = ds.id.read_direct_chunk(info.chunk_offset)
+            if mask & deflate_bit:  # stored without compression (HDF5 may skip a filter)
+                continue
+            try:
+                d = zlib.decompressobj()
+                while raw:
+                    d.decompress(raw, 1 << 20)
+                    raw = d.unconsumed_tail
+                if not d.eof:
+                    raise zlib.error("the stream ends early")
+            except zlib.error as e:
+                raise UsageError(
+                    f"{what} {path}: {ds.name} has a damaged chunk at {tuple(info.chunk_offset)} "
+                    f"({e}): {fix}"
+                ) from None
+
+
 def read_dataset(ds: Any, path: Path, what: str, fix: str) -> Any:
-    """`ds` read whole as a NumPy array, after `check_dataset`; damage is one line."""
+    """`ds` read whole as a NumPy array, after `check_dataset` and `verify_chunks`; damage is
+    one line."""
     check_dataset(ds, path, what, fix)
+    verify_chunks(ds, path, what, fix)
     with h5_errors(path, what, fix):
         return ds[()]
 

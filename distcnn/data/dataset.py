@@ -38,17 +38,18 @@ DEFAULT_DATASET = Path(__file__).resolve().parent.parent.parent / "data" / "mnis
 
 _WHAT = "dataset file"
 _FIX = "check the path, or build one with python -m distcnn.data build"
+_DAMAGED = "rebuild it with python -m distcnn.data build"
 
 
 def _open_h5(path: str | os.PathLike) -> h5py.File:
     """Open an existing HDF5 file read-only through distcnn.safefile (special files, data
     outside the file and HDF5 errors refused with one line), or raise UsageError."""
-    return safefile.open_h5(path, _WHAT, _FIX)
+    return safefile.open_h5(path, _WHAT, _FIX, _DAMAGED)
 
 
 def _read(ds: h5py.Dataset, path: Path) -> np.ndarray:
     """A whole dataset, size-checked before it is allocated; damage is one line."""
-    return safefile.read_dataset(ds, path, _WHAT, "rebuild it with python -m distcnn.data build")
+    return safefile.read_dataset(ds, path, _WHAT, _DAMAGED)
 
 
 def _attr(f: h5py.File, key: str, path: Path) -> Any:
@@ -91,7 +92,7 @@ def _split_datasets(f: h5py.File, path: Path, split: str) -> tuple[h5py.Dataset,
             )
     images, labels = f[split]["images"], f[split]["labels"]
     for ds in (images, labels):  # readable at all (a null dataspace, an unknown filter, ...)?
-        safefile.check_dataset(ds, path, _WHAT, _FIX, whole=False)
+        safefile.check_dataset(ds, path, _WHAT, _DAMAGED, whole=False)
     images_name, labels_name = f"/{split}/images in {path}", f"/{split}/labels in {path}"
     _check_shapes(images.shape, labels.shape, images_name, labels_name)
     _check_image_dtype(images.dtype, images_name)
@@ -129,7 +130,7 @@ def load_split(path: str | os.PathLike, split: str) -> Split:
         try:
             labels = _file_labels(f, path, split, num_classes)
         except UsageError as exc:
-            raise UsageError(f"{path}: {exc}") from None
+            raise UsageError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
         images = _read(images_ds, path)  # (N, C, H, W)
         _check_finite(images, f"/{split}/images in {path}")
         mean, std = _norm_stats(
@@ -171,10 +172,11 @@ def dataset_summary(path: str | os.PathLike) -> dict:
             try:
                 labels = _file_labels(f, path, name, num_classes)
             except UsageError as exc:
-                raise UsageError(f"{path}: {exc}") from None
+                raise UsageError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
             # read what is summarised: every chunk decodes (a damaged one is refused here)
-            safefile.check_dataset(images, path, _WHAT, _FIX)
-            with safefile.h5_errors(path, _WHAT, "rebuild it with python -m distcnn.data build"):
+            safefile.check_dataset(images, path, _WHAT, _DAMAGED, whole=False)
+            safefile.verify_chunks(images, path, _WHAT, _DAMAGED)
+            with safefile.h5_errors(path, _WHAT, _DAMAGED):
                 _check_finite(images, f"/{name}/images in {path}")
                 if images.dtype.kind != "f":
                     for start in range(0, images.shape[0], 4096):
