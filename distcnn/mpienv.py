@@ -20,9 +20,7 @@ import sys
 from typing import Any
 
 from distcnn.errors import UsageError
-
-_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
-_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+from distcnn.launcher import launched_rank, launched_ranks
 
 
 class MPIUnavailable(UsageError):
@@ -30,24 +28,6 @@ class MPIUnavailable(UsageError):
     process's rank as the launcher numbered it."""
 
     rank = 0
-
-
-def launched_ranks() -> int:
-    """Ranks an MPI launcher (mpirun/mpiexec/srun) started, from its environment; 1 if none."""
-    for var in _SIZE_VARS:
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 1
-
-
-def launched_rank() -> int:
-    """This process's rank according to the launcher's environment (0 if not launched)."""
-    for var in _RANK_VARS:
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 0
 
 
 class _Op:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,8 @@ def read_images(files: list[str], channels: int, size: tuple[int, int] | None = 
 
 
 def read_npz_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """`images` (and `labels`, if there) of an .npz, sized from the headers before reading."""
+    safefile.npz_headers(path, "input")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "images" not in z.files:
@@ -151,7 +154,14 @@ def read_npz_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 )
             images = z["images"]
             labels = z["labels"] if "labels" in z.files else None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        NotImplementedError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as e:
         raise UsageError(f"cannot read {path} as .npz ({e}); give a NumPy .npz file") from None
     images = datamod._with_channels(images, f"images in {path}")
     images = datamod._as_image_dtype(images, f"images in {path}")
@@ -223,6 +233,10 @@ def probabilities(model: Model, split: datamod.Split, count: int, batch: int = 1
 
 def main(argv: list[str] | None = None) -> int:
     """Print the top-k predictions; 0 on success, 2 on bad input."""
+    from distcnn.launcher import launched_rank
+
+    if launched_rank() > 0:  # one process does it all; under mpirun the others would repeat it
+        return 0
     try:
         args = build_parser().parse_args(argv)
         model, ck = restore.load_model(args.checkpoint)

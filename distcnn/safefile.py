@@ -351,13 +351,15 @@ def probe_h5(path: Path, what: str, fix: str) -> None:
     finish in PROBE_SECONDS, or dies of a signal, gets the file refused. Skipped where fork is
     unavailable, and under a launcher with several ranks (MPI and fork do not mix; there the
     collective watchdog bounds a stuck rank)."""
-    from distcnn.mpienv import launched_ranks
+    from distcnn.launcher import launched_ranks
 
-    if not hasattr(os, "fork") or launched_ranks() > 1:
-        return
     st = os.stat(path)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key in _PROBED:  # this very file was probed already (e.g. its train, then its test split)
+        return
+    if launched_ranks() > 1 or not hasattr(os, "fork"):
+        _probe_in_new_process(path, what, fix)
+        _PROBED.add(key)
         return
     import time
 
@@ -390,6 +392,37 @@ def probe_h5(path: Path, what: str, fix: str) -> None:
     if len(_PROBED) > 256:
         _PROBED.clear()
     _PROBED.add(key)
+
+
+def _probe_in_new_process(path: Path, what: str, fix: str) -> None:
+    """probe_h5 for a rank of an MPI job: a fresh Python (fork then exec, which MPI tolerates,
+    unlike a fork that goes on running) reads the metadata; ~0.3 s, once per file."""
+    import subprocess
+    import sys
+
+    code = "import sys; from distcnn.safefile import _read_metadata as r; r(sys.argv[1])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=PROBE_SECONDS,
+        )
+    except subprocess.TimeoutExpired:
+        raise UsageError(
+            f"{what} {path}: reading its HDF5 metadata did not finish in {PROBE_SECONDS:g} s "
+            f"(damaged metadata makes the HDF5 library loop): {fix}"
+        ) from None
+    except OSError:  # cannot start a process: read without the probe
+        return
+    if r.returncode < 0:
+        raise UsageError(
+            f"{what} {path}: reading its HDF5 metadata crashes the HDF5 library (signal "
+            f"{-r.returncode}; the file is damaged): {fix}"
+        )
 
 
 def scan_h5(f: Any, path: Path, what: str, fix: str) -> None:
@@ -494,7 +527,8 @@ def check_dataset(ds: Any, path: Path, what: str, fix: str, whole: bool = True) 
             have = ds.id.get_num_chunks()
             if have < expected:
                 raise UsageError(
-                    f"{what} {path}: {name} holds {have} of its {expected} chunks (the rest were "
+                    f"{what} {path}: {name}, declared {tuple(shape)} {ds.dtype} "
+                    f"({fmt_bytes(nbytes)}), holds {have} of its {expected} chunks (the rest were "
                     f"never written and would read as zeros): the file is incomplete; {fix}"
                 )
         elif nbytes and dcpl.get_layout() == h5py.h5d.CONTIGUOUS:
@@ -657,7 +691,7 @@ def npz_headers(path: str | os.PathLike, what: str) -> dict[str, tuple[tuple[int
                 out[name] = (tuple(int(d) for d in shape), dtype)
     except UsageError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except Exception as e:  # zipfile reports damage as BadZipFile, NotImplementedError, ...
         raise UsageError(
             f"cannot read {p} as .npz ({type(e).__name__}: {_first_line(e)}): give a NumPy .npz "
             "file"

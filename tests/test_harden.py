@@ -7,12 +7,14 @@ stands alone and runs without MPI."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import struct
 import subprocess
 import sys
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -328,9 +330,7 @@ def test_locked_file_is_not_called_damaged(tmp_path, ck_path):
     try:
         assert holder.stdout.readline().strip() == "open"
         with pytest.raises(UsageError) as e:
-            datamod.load_split(data, "test") if False else safefile.open_h5(
-                data, "dataset file", "rebuild the file"
-            )
+            datamod.load_split(data, "test")
     finally:
         holder.kill()
         holder.wait()
@@ -404,6 +404,85 @@ def test_train_refuses_requests_bigger_than_memory(tmp_path, norm_data, flags, w
     assert time.perf_counter() - t0 < 10
     assert not list(run.glob("*.h5")) if run.exists() else True
     assert_unchanged(before)
+
+
+def test_dataset_declaring_huge_images_is_refused_before_allocating(tmp_path, capsys):
+    """A 3 KB file declaring (10^8, 1, 28, 28) uint8 images (73 GiB): train --dry-run and
+    data info refuse it at once, naming the bytes (before: a MemoryError after minutes)."""
+    from distcnn import train
+
+    bomb = tmp_path / "bomb.h5"
+    with h5py.File(bomb, "w") as f:
+        f.attrs["num_classes"] = 10
+        f.create_dataset("train/images", (10**8, 1, 28, 28), "u1", chunks=(1000, 1, 28, 28),
+                         compression="gzip")  # fmt: skip
+        f.create_dataset("train/labels", (10**8,), "i8", chunks=(10**5,), compression="gzip")
+    assert bomb.stat().st_size < 10_000
+    before = snapshot(bomb)
+    t0 = time.perf_counter()
+    assert train.main(["--data", str(bomb), "--dry-run"]) == 2
+    line = last_error(capsys.readouterr().err)
+    assert "/train/images, declared (100000000, 1, 28, 28) uint8 (73 GiB), holds 0 of" in line
+    assert datamod.main(["info", str(bomb)]) == 2
+    assert "(73 GiB), holds 0 of its 100000 chunks" in last_error(capsys.readouterr().err)
+    # chunks that do exist but declare more than memory: the size itself is refused
+    with h5py.File(bomb, "r") as f:
+        with pytest.raises(UsageError, match=r"needs 73 GiB \(78,400,000,000 bytes\), more"):
+            safefile.require_bytes(
+                safefile.shape_bytes(f["train/images"].shape, 1), "declared", "fix"
+            )
+    assert time.perf_counter() - t0 < 10
+    assert_unchanged(before)
+
+
+def test_source_headers_declaring_huge_arrays_are_refused(tmp_path, capsys):
+    """data build: an .npz header claiming 909 TiB, an IDX header whose size overflows int64 to
+    0, a gzip bomb — each refused from its header or at the cap, naming the number."""
+    out = tmp_path / "out.h5"
+    npz = tmp_path / "huge.npz"
+    big = 15_625_000_000_000  # (big, 8, 8) uint8 = 909 TiB
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "|u1", "fortran_order": False, "shape": (big, 8, 8)}
+    )
+    with zipfile.ZipFile(npz, "w") as z:  # a few hundred bytes on disk
+        z.writestr("images.npy", buf.getvalue() + bytes(64))
+        z.writestr("labels.npy", b"")
+    t0 = time.perf_counter()
+    assert datamod.main(["build", "-o", str(out), "--train", str(npz)]) == 2
+    line = last_error(capsys.readouterr().err)
+    assert f"array 'images', declared ({big}, 8, 8) uint8, needs 909 TiB" in line, line
+
+    # IDX: dims 2^16 x 2^16 x 2^16 x 2^16 = 2^64 bytes: their int64 product wraps to 0
+    idx = tmp_path / "wrap-idx3-ubyte"
+    dims = (1 << 16,) * 4
+    with np.errstate(over="ignore"):
+        assert int(np.prod(np.array(dims, dtype=np.int64))) == 0  # what the old reader computed
+    idx.write_bytes(struct.pack(">BBBB4I", 0, 0, 8, 4, *dims))
+    labels = tmp_path / "labels-idx1-ubyte"
+    labels.write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 0))
+    assert datamod.main(["build", "-o", str(out), "--train", f"{idx},{labels}"]) == 2
+    line = last_error(capsys.readouterr().err)
+    assert "whose header declares" in line and "needs" in line and "bytes" in line, line
+
+    # gzip bomb: a few KB unpacking to 40 MB of CSV zeros, against a 10 MB cap (a tenth of
+    # DISTCNN_MAX_BYTES=1e8)
+    bomb = tmp_path / "bomb.csv.gz"
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    chunk = b"0," * (1 << 19)
+    with open(bomb, "wb") as f:
+        for _ in range(40):
+            f.write(z.compress(chunk))
+        f.write(z.flush())
+    os.environ["DISTCNN_MAX_BYTES"] = "1e8"
+    try:
+        assert datamod.main(["build", "-o", str(out), "--train", str(bomb)]) == 2
+    finally:
+        del os.environ["DISTCNN_MAX_BYTES"]
+    line = last_error(capsys.readouterr().err)
+    assert "unpacked) more than 9.54 MiB (10,000,000 bytes" in line, line
+    assert "decompression bomb" in line and time.perf_counter() - t0 < 30
+    assert not out.exists()
 
 
 def test_png_declared_huge_is_refused_from_its_header(tmp_path, ck_path, capsys):

@@ -72,7 +72,10 @@ def _file_num_classes(f: h5py.File, path: Path) -> int:
 
 def _file_splits(f: h5py.File) -> list[str]:
     """Groups at the root that hold images and labels, train/val/test first."""
-    names = [k for k in f if isinstance(f[k], h5py.Group) and "images" in f[k]]
+    # (a name that is not UTF-8, which h5py hands back as bytes, is no split of ours)
+    names = [
+        k for k in f if isinstance(k, str) and isinstance(f[k], h5py.Group) and "images" in f[k]
+    ]
     return sorted(names, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +209,14 @@ def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
                     "np.savez(path, images=..., labels=...)"
                 )
             images, labels = npz["images"], npz["labels"]
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        NotImplementedError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as exc:
         raise UsageError(f"cannot read {path} as .npz ({exc}): give a NumPy .npz file") from None
     return _image_label_pair(
         images,
