@@ -175,22 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     return run_or_abort(lambda: _run(args, comm), comm)
 
 
-def _fault(comm: Any) -> None:
-    """DISTCNN_FAULT=<rank>:<step>:<raise|exit|hang>: that rank fails before the evaluation's
-    collective (evaluate has no steps: any step value fires; `nan` does not apply)."""
-    from distcnn.faults import fault_from_env, inject_fault
+def _fault(comm: Any) -> tuple[int, str] | None:
+    """This rank's DISTCNN_FAULT=<rank>:<step>:<mode> (UsageError if malformed). evaluate has
+    no steps: raise, exit, kill and hang happen just before its one collective, whatever the
+    step; nan does not apply."""
+    from distcnn.faults import fault_from_env
 
     fault = fault_from_env(comm.rank)
-    if fault is not None and fault[1] != "nan":
-        inject_fault(fault[1], fault[0], comm.rank)
+    return fault if fault is not None and fault[1] != "nan" else None
 
 
 def _run(args: argparse.Namespace, comm: Any) -> int:
     from distcnn.trainer import evaluate_split
 
-    err, model, ck, split, path, warning = None, None, None, None, "", None
+    err, model, ck, split, path, warning, fault = None, None, None, None, "", None, None
     try:
         model, ck, split, path, warning = _setup(args)
+        fault = _fault(comm)
     except UsageError as e:
         err = str(e)
     errors = comm.gather_objects(err, "evaluate setup")  # MPI: every rank takes the same branch
@@ -201,7 +202,10 @@ def _run(args: argparse.Namespace, comm: Any) -> int:
         return 2
     if warning and comm.rank == 0:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    _fault(comm)
+    if fault is not None:
+        from distcnn.faults import inject_fault
+
+        inject_fault(fault[1], fault[0], comm.rank)
     metrics = evaluate_split(model, split, comm, args.batch_size)  # MPI: sharded, summed
     if comm.rank != 0:
         return 0

@@ -130,9 +130,15 @@ def _run(
             n_threads, thread_source = 1, "--deterministic"
             threads.apply(1)
         if cfg.dry_run:
+            dry_err = None
             if comm.rank == 0:
-                _dry_run(cfg, n_threads, thread_source, comm.size)
-            return 0
+                try:
+                    _dry_run(cfg, n_threads, thread_source, comm.size)
+                except UsageError as e:
+                    dry_err = str(e)
+            # MPI: every rank learns rank 0's outcome (no rank left waiting in a collective)
+            dry_err = comm.bcast_object(dry_err, 0, "dry run")
+            return (_error(dry_err) if comm.rank == 0 else 2) if dry_err else 0
         from distcnn.trainer import Trainer
 
         resume = None

@@ -284,7 +284,7 @@ def test_damaged_hdf5_each_gets_one_line(tmp_path, ck_path, norm_data, capsys):
     raw = bytearray(chunk.read_bytes())
     raw[offset + 8 : offset + 40] = bytes(32)  # inside the deflate stream of one chunk
     chunk.write_bytes(bytes(raw))
-    cases[chunk] = "is damaged or unreadable"
+    cases[chunk] = "/test/images has a damaged chunk at (10, 0, 0, 0)"
 
     holes = tmp_path / "holes.h5"
     holes.write_bytes(norm_data.read_bytes())
@@ -293,7 +293,7 @@ def test_damaged_hdf5_each_gets_one_line(tmp_path, ck_path, norm_data, capsys):
         del f["test/images"]
         d = f.create_dataset("test/images", shape, "u1", chunks=(10, 1, 8, 8))
         d[:10] = 1  # one chunk of three written
-    cases[holes] = "/test/images holds 1 of its 3 chunks"
+    cases[holes] = "/test/images, declared (30, 1, 8, 8) uint8 (1.88 KiB), holds 1 of its 3"
 
     attr = tmp_path / "attr.h5"
     with h5py.File(norm_data) as src, h5py.File(attr, "w", libver="latest") as f:
@@ -642,7 +642,7 @@ def test_evaluate_json_is_strict_when_the_loss_overflows(tmp_path, norm_data, ca
 @pytest.mark.mpi
 def test_evaluate_with_a_stopped_rank_ends_naming_it(ck_path):
     """Before: rank 0 spun in the evaluation allreduce forever."""
-    env = {"DISTCNN_FAULT": "1:0:hang"}
+    env = {"DISTCNN_FAULT": "1:1:hang"}
     t0 = time.perf_counter()
     r = run_train(
         [str(ck_path), "--collective-timeout", "3"],
