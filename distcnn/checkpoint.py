@@ -62,6 +62,9 @@ class Checkpoint:
     # what inference needs without the dataset: pixel scaling, mean/std (see inference_info)
     inference: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION  # as read from the file
+    # distcnn.data.fingerprint of the dataset trained on (root attr dataset_fingerprint, JSON);
+    # None: not recorded (older checkpoints)
+    dataset_fingerprint: dict[str, Any] | None = None
 
 
 def file_name(step: int) -> str:
@@ -121,6 +124,8 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
         "extra": json.dumps(ck.extra, sort_keys=True),
         "inference": json.dumps(ck.inference, sort_keys=True),
     }
+    if ck.dataset_fingerprint is not None:
+        attrs["dataset_fingerprint"] = json.dumps(ck.dataset_fingerprint, sort_keys=True)
     attrs["attrs_sha256"] = _attrs_digest(attrs)
     try:
         with open(tmp, "wb") as raw:
@@ -245,6 +250,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
             config=json.loads(attrs["config"]),
             extra=json.loads(attrs.get("extra", "{}")),
             inference=json.loads(attrs.get("inference", "{}")),
+            dataset_fingerprint=(
+                json.loads(attrs["dataset_fingerprint"]) if "dataset_fingerprint" in attrs else None
+            ),
         )
     except (ValueError, TypeError) as e:  # consistent checksum, nonsense values
         raise CheckpointError(
