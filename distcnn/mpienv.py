@@ -77,6 +77,9 @@ class _SelfComm:
     def gather(self, obj: Any, root: int = 0) -> list[Any]:
         return [obj]
 
+    def __getattr__(self, name: str) -> Any:
+        raise MPIUnavailable(f"MPI {name} is needed but no MPI library is loaded: {INSTALL}")
+
     def Abort(self, code: int = 1) -> None:  # noqa: N802
         sys.stdout.flush()
         sys.stderr.flush()

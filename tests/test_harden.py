@@ -422,7 +422,8 @@ def test_dataset_declaring_huge_images_is_refused_before_allocating(tmp_path, ca
     t0 = time.perf_counter()
     assert train.main(["--data", str(bomb), "--dry-run"]) == 2
     line = last_error(capsys.readouterr().err)
-    assert "/train/images, declared (100000000, 1, 28, 28) uint8 (73 GiB), holds 0 of" in line
+    # (whichever of its datasets is looked at first: the fingerprint reads the labels)
+    assert "declared (100000000" in line and "holds 0 of its" in line, line
     assert datamod.main(["info", str(bomb)]) == 2
     assert "(73 GiB), holds 0 of its 100000 chunks" in last_error(capsys.readouterr().err)
     # chunks that do exist but declare more than memory: the size itself is refused
