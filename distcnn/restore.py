@@ -1,5 +1,6 @@
 """A trained model back from a checkpoint, for the commands that use one (evaluate, predict,
-export). No MPI and no training state here: parameters, and what inference needs.
+export). No MPI and no training state here: parameters, batch norm statistics, and what
+inference needs.
 
 A checkpoint written by the trainer records under root attribute `inference` how the model's
 inputs were made from stored pixels (`inference_info`): the pixel dtype of the training images
@@ -43,9 +44,12 @@ def load_model(path: str | os.PathLike) -> tuple[Model, ckpt.Checkpoint]:
     ck = ckpt.load(path)  # CheckpointError (a UsageError) names the file and the problem
     safefile.check_model_memory(ck.model, tuple(ck.input_shape), ck.num_classes)
     model = Model(ck.model, tuple(ck.input_shape), ck.num_classes, np.float32)
-    ckpt.check_fits(ck, model.param_shapes, ck.num_classes, str(path))
+    ckpt.check_fits(ck, model.param_shapes, ck.num_classes, str(path), buffers=model.buffers,
+                    optimizer_state=())  # fmt: skip
     for name, view in model.param_views.items():
         view[...] = ck.params[name]
+    for name, a in model.buffers.items():
+        a[...] = ck.buffers[name]
     return model, ck
 
 

@@ -245,7 +245,7 @@ def _resume_decision(flags: dict[str, Any], toml: dict[str, Any]) -> tuple[dict[
     else:
         path = resume
     ck = ckpt.load(path)
-    meta = dataclasses.replace(ck, params={}, velocity={})  # what the other ranks need
+    meta = dataclasses.replace(ck, params={}, velocity={}, optimizer_state={}, buffers={})
     notes.append(f"resuming from {path} at step {ck.step} (written by {ck.world_size} rank(s))")
     # settings marked inherit=False (e.g. --max-steps, which limits one invocation) are not
     # taken from the checkpoint; the others are type- and range-checked like flags
