@@ -314,6 +314,35 @@ def test_damaged_hdf5_each_gets_one_line(tmp_path, ck_path, norm_data, capsys):
         assert_unchanged(before)
 
 
+def test_data_info_reads_what_it_summarises(tmp_path, norm_data, capsys):
+    """A chunk whose deflate stream is damaged (HDF5 itself returns it as other pixels) and
+    images of another split in a file whose num_classes is absurd: data info refuses both
+    (before: reported as fine / a MemoryError)."""
+    bad = tmp_path / "bad.h5"
+    with h5py.File(norm_data) as src, h5py.File(bad, "w") as f:
+        for k, v in src.attrs.items():
+            f.attrs[k] = v
+        for name in ("train/images", "train/labels", "test/images", "test/labels"):
+            f.create_dataset(name, data=src[name][()], chunks=True, compression="gzip")
+        info = f["train/images"].id.get_chunk_info(0)
+    raw = bytearray(bad.read_bytes())
+    raw[info.byte_offset + info.size - 6] ^= 0x55  # inside the stream, near its checksum
+    bad.write_bytes(bytes(raw))
+    before = snapshot(bad)
+    assert datamod.main(["info", str(bad)]) == 2
+    line = last_error(capsys.readouterr().err)
+    assert f"{bad}: /train/images has a damaged chunk at (0, 0, 0, 0)" in line, line
+    huge = tmp_path / "classes.h5"
+    huge.write_bytes(norm_data.read_bytes())
+    with h5py.File(huge, "r+") as f:
+        f.attrs["num_classes"] = 10**9
+    for call in (["info", str(huge)], ["info", str(huge), "--split", "test"]):
+        assert datamod.main(call) == 2
+        line = last_error(capsys.readouterr().err)
+        assert "is 1,000,000,000, more than the 65,536 classes distcnn supports" in line, line
+    assert_unchanged(before)
+
+
 def test_locked_file_is_not_called_damaged(tmp_path, ck_path):
     """A dataset another process has open for writing: wait, do not rebuild."""
     code = (

@@ -12,6 +12,7 @@ Splits are `train` (required for training), `val` and `test` (optional).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -140,6 +141,18 @@ class SplitInfo:
         return self.n * (math.prod(self.image_shape) * self.dtype.itemsize + 8)  # exact ints
 
 
+def _verify_sha(ds: h5py.Dataset, values: np.ndarray, path: Path) -> None:
+    """Compare data read whole with the dataset's sha256 attribute (written by data build)."""
+    want = _attr(ds, "sha256", path)
+    if want is None:  # a file from before the checksums, or made by other tools
+        return
+    want = want.decode() if isinstance(want, bytes) else str(want)
+    if hashlib.sha256(np.ascontiguousarray(values, dtype=ds.dtype)).hexdigest() != want:
+        raise UsageError(
+            f"{_WHAT} {path}: {ds.name} fails its sha256 checksum (the file is damaged): {_DAMAGED}"
+        )
+
+
 def split_info(path: str | os.PathLike, split: str) -> SplitInfo:
     """Open and validate a split's metadata: num_classes, shapes, dtypes, mean/std (UsageError
     naming the file, the dataset, the bad value and the fix). Pixels and labels are not read."""
@@ -168,6 +181,8 @@ def read_split_into(info: SplitInfo, images: np.ndarray, labels: np.ndarray) -> 
         safefile.verify_chunks(ds, path, _WHAT, _DAMAGED)  # HDF5 hands back damaged chunks
         with safefile.h5_errors(path, _WHAT, _DAMAGED):
             ds.read_direct(images)  # chunk by chunk, no temporary of the whole
+        _verify_sha(ds, images, path)
+        _verify_sha(f[split]["labels"], labels, path)
     _check_finite(images, f"/{split}/images in {path}")
 
 
@@ -242,9 +257,17 @@ def dataset_summary(path: str | os.PathLike) -> dict:
             safefile.verify_chunks(images, path, _WHAT, _DAMAGED)
             with safefile.h5_errors(path, _WHAT, _DAMAGED):
                 _check_finite(images, f"/{name}/images in {path}")
-                if images.dtype.kind != "f":
-                    for start in range(0, images.shape[0], 4096):
-                        images[start : start + 4096]
+                digest = hashlib.sha256()
+                for start in range(0, images.shape[0], 4096):
+                    digest.update(np.ascontiguousarray(images[start : start + 4096]))
+            want = _attr(images, "sha256", path)
+            want = want.decode() if isinstance(want, bytes) else want
+            if want is not None and digest.hexdigest() != str(want):
+                raise UsageError(
+                    f"{_WHAT} {path}: {images.name} fails its sha256 checksum (the file is "
+                    f"damaged): {_DAMAGED}"
+                )
+            _verify_sha(f[name]["labels"], _read(f[name]["labels"], path), path)
             splits[name] = {
                 "n": int(images.shape[0]),
                 "image_shape": tuple(int(s) for s in images.shape[1:]),
