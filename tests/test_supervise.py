@@ -385,6 +385,13 @@ def test_watch_reads_the_failing_rank_from_launcher_output() -> None:
     w.resolve(lambda r: None)
     assert (w.failing_rank, w.failing_host, w.signalled) == (1, "b", True)
     w = supervise.Watch()
+    w.line(
+        "[rank 0] error: collective #7 (gradient allreduce) waited 5.1 s, longer than "
+        "--collective-timeout 5; ranks that did not arrive: none (all arrived); ranks not "
+        "answering (stopped, or stuck outside MPI): 1. Aborting the job."
+    )
+    assert (w.timeout, w.failing_rank) == (True, 1)
+    w = supervise.Watch()
     w.line("step     37/60  epoch 0.6  loss 1.0")
     assert w.last_step == 37 and w.failing_rank is None
 
