@@ -478,7 +478,8 @@ def _pump(src: IO[bytes], dst: IO[str], watch: Watch, lock: threading.Lock) -> N
 
 
 def _die_with_parent() -> None:  # pragma: no cover (runs in the child between fork and exec)
-    """Linux: the launcher gets SIGTERM if the supervisor dies (SIGKILL) - the job saves."""
+    """Linux: the launcher gets SIGTERM if the supervisor dies (SIGKILL), so the job is not
+    left running unsupervised (it ends; its output pipe is gone too)."""
     try:
         import ctypes
 
