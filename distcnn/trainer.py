@@ -35,6 +35,8 @@ from distcnn.layers import Pass
 from distcnn.model import REFERENCE_SPEC, Model
 from distcnn.optim import learning_rate, make_optimizer
 from distcnn.progress import Progress, fmt_metric, hms, profile_table
+from distcnn.restore import inference_info
+from distcnn.safefile import check_model_memory
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
 
 EXTRA = 3  # slots after the gradient in the reduce buffer: loss sum, correct, stop flag
@@ -219,6 +221,21 @@ class Trainer:
         # what the checkpoints record and a resume is checked against (rank 0 owns files)
         self.fingerprint = datamod.fingerprint(data_path) if comm.rank == 0 else None
         self.data_path = data_path
+        # what predict/evaluate need without the dataset (distcnn.restore.inference_info)
+        self.inference = inference_info(
+            self.train.dtype,
+            self.train.mean,
+            self.train.std,
+            self.train.image_shape,
+            self.train.num_classes,
+        )
+        # the bytes the model and this rank's batch imply, before any of it is allocated
+        check_model_memory(
+            cfg.model or REFERENCE_SPEC,
+            self.train.image_shape,
+            self.train.num_classes,
+            -(-cfg.batch_size // (DET_SHARDS if cfg.deterministic else comm.size)),
+        )
         self.model = Model(
             cfg.model or REFERENCE_SPEC,
             self.train.image_shape,
@@ -476,6 +493,7 @@ class Trainer:
                 if state != "velocity"
             },
             buffers={k: v.copy() for k, v in self.model.buffers.items()},
+            inference=self.inference,
             dataset_fingerprint=self.fingerprint,
         )
 
