@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from mpi4py import MPI
+
+from distcnn.mpienv import MPI
 
 DTYPES = ("float32", "bfloat16", "float16")
 HEADROOM = 2.0**14  # largest summed |gradient| * scale aims here (float16 max is 65504)
