@@ -1,0 +1,145 @@
+"""Tests of distcnn.augment: the spec, the vectorised ops against a per-pixel loop, and the
+property the trainer relies on: a sample's augmentation depends on (seed, epoch, sample index)
+only, never on which batch, shard or position it is in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distcnn.augment import Augment, Op, parse, random_words
+from distcnn.errors import UsageError
+
+
+def naive_augment(
+    aug: Augment, x: np.ndarray, samples: np.ndarray, epoch: int, fill: np.ndarray
+) -> np.ndarray:
+    """Pixel by pixel, one sample at a time, from the documented draws."""
+    out = x.copy()
+    _, c, h, w = x.shape
+    for stream, op in enumerate(aug.ops):
+        for b, s in enumerate(samples):
+            img = out[b].copy()
+            if op.kind == "shift":
+                p = op.amount
+                wy, wx = (int(v) for v in random_words(aug.seed, epoch, stream, [s], 2)[0])
+                dy = p - ((wy >> 32) * (2 * p + 1) >> 32)  # offset oy = P - dy
+                dx = p - ((wx >> 32) * (2 * p + 1) >> 32)
+                assert -p <= dy <= p and -p <= dx <= p
+                for ch in range(c):
+                    for i in range(h):
+                        for j in range(w):
+                            si, sj = i - dy, j - dx
+                            inside = 0 <= si < h and 0 <= sj < w
+                            out[b, ch, i, j] = img[ch, si, sj] if inside else fill[ch]
+            else:
+                word = int(random_words(aug.seed, epoch, stream, [s], 1)[0, 0])
+                if word >> 63:
+                    out[b] = img[:, :, ::-1]
+    return out
+
+
+@pytest.mark.parametrize("spec", ["shift:2", "flip", "shift:1,flip", "flip,shift:3"])
+def test_apply_matches_a_pixel_loop_on_non_square_multichannel_images(spec: str) -> None:
+    shape = (3, 5, 7)
+    fill = np.array([-1.5, 0.0, 2.0], np.float32)  # what a stored 0 becomes, per channel
+    aug = Augment(spec, seed=4, image_shape=shape, fill=fill)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, *shape)).astype(np.float32)
+    samples = rng.choice(1000, 12, replace=False)
+    got = aug.apply(x.copy(), samples, epoch=2)
+    np.testing.assert_array_equal(got, naive_augment(aug, x, samples, 2, fill))
+    assert not np.array_equal(got, x)  # something moved
+
+
+def test_a_sample_is_augmented_the_same_in_any_batch() -> None:
+    """Splitting a batch into shards, reordering it or mixing other samples in changes nothing
+    for a given sample; another epoch or seed changes the draws."""
+    aug = Augment("shift:3,flip", seed=7, image_shape=(2, 9, 6))
+    rng = np.random.default_rng(1)
+    pool = rng.standard_normal((50, 2, 9, 6)).astype(np.float32)
+    samples = np.arange(50) * 37 % 1009  # global indices of the pool's rows
+    whole = aug.apply(pool.copy(), samples, epoch=5)
+    perm = rng.permutation(50)
+    shuffled = aug.apply(pool[perm].copy(), samples[perm], epoch=5)
+    np.testing.assert_array_equal(shuffled, whole[perm])
+    for lo, hi in [(0, 1), (1, 17), (17, 50), (20, 20)]:  # shards, one of them empty
+        part = aug.apply(pool[lo:hi].copy(), samples[lo:hi], epoch=5)
+        np.testing.assert_array_equal(part, whole[lo:hi])
+    assert not np.array_equal(aug.apply(pool.copy(), samples, epoch=6), whole)
+    other_seed = Augment("shift:3,flip", seed=8, image_shape=(2, 9, 6))
+    assert not np.array_equal(other_seed.apply(pool.copy(), samples, epoch=5), whole)
+
+
+def test_draws_cover_every_offset_evenly() -> None:
+    """Over 60,000 samples each of the 5 offsets of shift:2 and both flip outcomes occur with
+    frequency within 2 % of uniform, and dy, dx, flip are not correlated."""
+    samples = np.arange(60_000)
+    words = random_words(0, 0, 0, samples, 2)
+    offsets = (words >> np.uint64(32)) * np.uint64(5) >> np.uint64(32)  # (N, 2) in 0..4
+    for axis in range(2):
+        counts = np.bincount(offsets[:, axis].astype(np.intp), minlength=5)
+        assert counts.shape == (5,)
+        np.testing.assert_allclose(counts / 60_000, 0.2, atol=0.004)
+    flips = random_words(0, 0, 1, samples, 1)[:, 0] >> np.uint64(63)
+    assert abs(flips.mean() - 0.5) < 0.01
+    c = np.corrcoef(offsets[:, 0].astype(float), offsets[:, 1].astype(float))[0, 1]
+    assert abs(c) < 0.02
+    assert abs(np.corrcoef(offsets[:, 0].astype(float), flips.astype(float))[0, 1]) < 0.02
+
+
+def test_shift_keeps_the_image_and_fills_the_border() -> None:
+    """A shifted image is the original moved by at most P pixels: some placement of the original
+    inside the fill frame equals it (checked by brute force over all offsets)."""
+    p = 2
+    aug = Augment(f"shift:{p}", seed=0, image_shape=(1, 6, 6))
+    x = np.arange(1, 1 + 10 * 36, dtype=np.float32).reshape(10, 1, 6, 6)  # no zeros inside
+    got = aug.apply(x.copy(), np.arange(10), epoch=0)
+    seen = set()
+    for b in range(10):
+        frame = np.zeros((6 + 2 * p, 6 + 2 * p), np.float32)
+        frame[p:-p, p:-p] = x[b, 0]
+        hits = [
+            (oy, ox)
+            for oy in range(2 * p + 1)
+            for ox in range(2 * p + 1)
+            if np.array_equal(frame[oy : oy + 6, ox : ox + 6], got[b, 0])
+        ]
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert len(seen) > 3  # not one fixed offset
+
+
+def test_parse_and_canonical_spec() -> None:
+    assert parse(None) == () and parse("") == () and parse("none") == ()
+    assert parse("shift:2, flip") == (Op("shift", 2), Op("flip"))
+    assert Augment(" SHIFT:2,Flip ", 0, (1, 8, 8)).spec == "shift:2,flip"
+    assert not Augment(None, 0, (1, 8, 8))
+    x = np.ones((2, 1, 8, 8), np.float32)
+    assert Augment("", 0, (1, 8, 8)).apply(x, np.arange(2), 0) is x
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("rotate:10", "--augment rotate:10: unknown operation 'rotate:10'; use shift:P"),
+        ("shift", "--augment shift: 'shift' needs a whole number of pixels from 1 to 64"),
+        ("shift:0", "'shift:0' needs a whole number of pixels from 1 to 64, e.g. shift:2"),
+        ("shift:1.5", "'shift:1.5' needs a whole number of pixels"),
+        ("flip:1", "unknown operation 'flip:1'"),
+        ("shift:2,,flip", "unknown operation ''"),
+    ],
+)
+def test_bad_specs_are_refused_with_the_fix(spec: str, message: str) -> None:
+    with pytest.raises(UsageError, match="^") as info:
+        parse(spec)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_shift_as_large_as_the_image_is_refused() -> None:
+    with pytest.raises(UsageError) as info:
+        Augment("shift:8", 0, (3, 8, 12))
+    assert str(info.value) == (
+        "--augment shift:8 is not smaller than the 8x12 images: use at most shift:7"
+    )
