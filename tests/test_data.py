@@ -207,7 +207,7 @@ def test_write_failure_keeps_previous_file(tmp_path, capsys, monkeypatch):
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(data.os, "replace", fail)
+    monkeypatch.setattr(data.build.os, "replace", fail)
     with pytest.raises(UsageError, match="disk full"):
         data.write_dataset(out, {"train": (x[:2], y[:2])}, 3, {"source": "second"})
     assert os.listdir(tmp_path) == ["d.h5"]  # the temporary file is gone

@@ -1,0 +1,271 @@
+"""Readers of source files for `build`: IDX (MNIST), CSV and .npz.
+
+Each returns images (N, C, H, W) uint8 or float32 and labels (N,) int64, or raises UsageError.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from distcnn.data.checks import _check_finite, _labels_as_int64
+from distcnn.errors import UsageError
+
+# IDX type codes (third byte of the magic number) -> big-endian dtype.
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+    """Whole file, gunzipped if it starts with the gzip magic number."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"source file {p} does not exist: check the path")
+    raw = p.read_bytes()
+    if raw[:2] != _GZIP_MAGIC:
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise UsageError(f"{p} is not a valid gzip file ({exc}): re-download it") from None
+
+
+def _looks_like_idx(head: bytes) -> bool:
+    """True if the first 4 bytes are an IDX magic number (0, 0, type code, ndim)."""
+    return len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES and head[3] > 0
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (MNIST format), gzip-compressed or raw, detected by magic number.
+
+    Magic: two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
+    0x0D float32, 0x0E float64) and the number of dimensions; then one big-endian uint32 per
+    dimension and the data. Returns the array in native byte order, e.g. (N, 28, 28) uint8 for
+    MNIST images, (N,) uint8 for labels.
+    """
+    data = _read_bytes(path)
+    if not _looks_like_idx(data[:4]):
+        raise UsageError(
+            f"{path} is not an IDX file (magic {data[:4].hex() or 'missing'}): give MNIST-style "
+            "IDX files (.gz or raw), or a .csv/.npz source"
+        )
+    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise UsageError(f"{path} has a bad IDX header ({ndim} dimensions): re-download it")
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise UsageError(
+            f"{path} holds {len(data) - header} data bytes but its header {dims} needs "
+            f"{expected}: the file is truncated or corrupt, re-download it"
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def _as_image_dtype(images: np.ndarray, name: str) -> np.ndarray:
+    """Images of any numeric dtype -> uint8 (integers in 0..255) or float32 (finite)."""
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype.kind in "iu":
+        if images.size and (images.min() < 0 or images.max() > 255):
+            raise UsageError(
+                f"{name} has integer pixels in [{images.min()}, {images.max()}], outside 0..255: "
+                "scale them to 0..255 or store them as floats"
+            )
+        return images.astype(np.uint8)
+    if images.dtype.kind == "f":
+        _check_finite(images, name)
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below
+            out = images.astype(np.float32)
+        _check_finite(out, f"{name} (as float32)")
+        return out
+    raise UsageError(f"{name} has dtype {images.dtype}: pixels must be numbers")
+
+
+def _with_channels(images: np.ndarray, name: str) -> np.ndarray:
+    """(N, H, W) -> (N, 1, H, W); (N, C, H, W) unchanged; anything else is an error."""
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim == 4:
+        return images
+    raise UsageError(f"{name} has shape {images.shape}; images must be (N, H, W) or (N, C, H, W)")
+
+
+def _csv_shape(pixels: int, shape: tuple[int, int, int] | None, path: Path) -> tuple:
+    """(C, H, W) for rows of `pixels` values: the given shape, or 1 x s x s if square."""
+    if shape is not None:
+        if int(np.prod(shape)) != pixels:
+            c, h, w = shape
+            raise UsageError(
+                f"--shape {c},{h},{w} has {c * h * w} pixels but the rows of {path} have "
+                f"{pixels}: give C,H,W with C*H*W = {pixels}"
+            )
+        return tuple(shape)
+    side = int(round(pixels**0.5))
+    if side * side != pixels:
+        raise UsageError(
+            f"rows of {path} have {pixels} pixels, not a square single-channel image: "
+            "pass --shape C,H,W"
+        )
+    return (1, side, side)
+
+
+def read_csv(
+    path: str | os.PathLike, shape: tuple[int, int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a .csv or .csv.gz file: one image per row, pixels then the label in the LAST column.
+
+    An optional header row (any non-numeric field in the first line) is skipped. `shape` is
+    (C, H, W); by default a single-channel square image. Returns images (N, C, H, W), uint8 if
+    every pixel is an integer in 0..255 else float32, and labels (N,) int64.
+    """
+    path = Path(path)
+    try:
+        text = _read_bytes(path).decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a UTF-8 text file: give a CSV file") from None
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if lines:
+        try:
+            [float(v) for v in lines[0][1].split(",")]
+        except ValueError:
+            lines = lines[1:]  # header row
+    if not lines:
+        raise UsageError(f"{path} has no data rows: give at least one image per row")
+    columns = lines[0][1].count(",") + 1
+    for lineno, line in lines:
+        if line.count(",") + 1 != columns:
+            raise UsageError(
+                f"{path} line {lineno} has {line.count(',') + 1} columns but the first row has "
+                f"{columns}: every row needs the same number of pixels plus the label"
+            )
+    if columns < 2:
+        raise UsageError(f"{path} has one column: rows need pixels then the label")
+    try:
+        table = np.loadtxt(
+            io.StringIO("\n".join(line for _, line in lines)),
+            delimiter=",",
+            dtype=np.float64,
+            ndmin=2,
+        )  # (N, pixels + 1)
+    except ValueError as exc:
+        raise UsageError(f"{path} has a non-numeric value ({exc}): fix the file") from None
+    labels = _labels_as_int64(table[:, -1], f"the last column of {path}")
+    pixels = table[:, :-1]  # (N, pixels)
+    c, h, w = _csv_shape(pixels.shape[1], shape, path)
+    _check_finite(pixels, f"pixels of {path}")
+    if ((pixels >= 0) & (pixels <= 255) & (pixels == np.round(pixels))).all():
+        images = pixels.astype(np.uint8)
+    else:
+        images = _as_image_dtype(pixels, f"pixels of {path}")
+    return images.reshape(-1, c, h, w), labels
+
+
+def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NumPy .npz with keys `images` ((N, H, W) or (N, C, H, W)) and `labels` ((N,)).
+
+    Returns images (N, C, H, W) as uint8 (integer pixels in 0..255) or float32, labels (N,) int64.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"source file {path} does not exist: check the path")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("images", "labels") if k not in npz.files]
+            if missing:
+                raise UsageError(
+                    f"{path} has no array {' or '.join(missing)} (it has: "
+                    f"{', '.join(npz.files) or 'nothing'}): save it with "
+                    "np.savez(path, images=..., labels=...)"
+                )
+            images, labels = npz["images"], npz["labels"]
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"cannot read {path} as .npz ({exc}): give a NumPy .npz file") from None
+    return _image_label_pair(
+        images,
+        labels,
+        f"images in {path}",
+        f"labels in {path}",
+        "store one integer class index per image",
+    )
+
+
+def _image_label_pair(
+    images: np.ndarray, labels: np.ndarray, images_name: str, labels_name: str, fix: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images as (N, C, H, W) uint8/float32 and labels as (N,) int64, or a UsageError."""
+    images = _with_channels(images, images_name)
+    if labels.ndim != 1:
+        raise UsageError(f"{labels_name} have shape {labels.shape}; they must be 1-D (N,): {fix}")
+    return _as_image_dtype(images, images_name), _labels_as_int64(labels, labels_name)
+
+
+def _read_idx_pair(images_path: str, labels_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """IDX images (N, H, W) or (N, C, H, W) and labels (N,) -> images (N, C, H, W), labels."""
+    return _image_label_pair(
+        read_idx(images_path),
+        read_idx(labels_path),
+        f"IDX images {images_path}",
+        f"IDX labels {labels_path}",
+        "give IMAGES,LABELS in that order",
+    )
+
+
+def read_source(
+    spec: str, shape: tuple[int, int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a --train/--val/--test source: CSV, .npz, or IDX as `IMAGES,LABELS`.
+
+    Returns images (N, C, H, W) uint8 or float32 and labels (N,) int64. `shape` (C, H, W) lays out
+    CSV rows; for other sources it must equal the stored image shape.
+    """
+    if "," in spec and not Path(spec).exists():
+        parts = spec.split(",")
+        if len(parts) != 2 or not all(parts):
+            raise UsageError(
+                f"source {spec!r} is not IMAGES,LABELS: give one file, or two IDX files "
+                "separated by one comma"
+            )
+        images, labels = _read_idx_pair(*parts)
+    else:
+        path = Path(spec)
+        name = path.name.lower()
+        if not path.is_file():
+            raise UsageError(f"source file {path} does not exist: check the path")
+        if name.endswith((".csv", ".csv.gz")):
+            return read_csv(path, shape)
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if name.endswith(".npz") or head == _ZIP_MAGIC:
+            images, labels = read_npz(path)
+        elif _looks_like_idx(_read_bytes(path)[:4]):
+            raise UsageError(
+                f"{path} is an IDX file; give its labels file too: IMAGES,LABELS, e.g. "
+                f"--train {path},LABELS"
+            )
+        else:
+            raise UsageError(
+                f"cannot tell the format of {path}: use .csv, .csv.gz, .npz or IDX files given "
+                "as IMAGES,LABELS"
+            )
+    if shape is not None and tuple(images.shape[1:]) != tuple(shape):
+        raise UsageError(
+            f"--shape {','.join(map(str, shape))} does not match the images of {spec} "
+            f"{tuple(images.shape[1:])}: --shape only lays out CSV rows; drop it for this source"
+        )
+    return images, labels
