@@ -3,7 +3,8 @@
 SPEC is a comma-separated list of operations, applied left to right to each training sample:
 
     shift:P   translate by (dy, dx), each uniform in [-P, P] pixels; the pixels that move in are
-              filled with stored value 0 (black), normalised like the rest of the image
+              0 (black) in the stored pixels, which is where the augmentation runs: on the
+              gathered uint8 (or float32) pixels, before normalisation
     flip      mirror left-right (the W axis) with probability 1/2
 
 Every random choice for a sample is a pure function of (seed, epoch, global sample index, the
@@ -13,8 +14,10 @@ the same augmentation in an epoch whichever rank, micro-shard or batch position 
 and 1, 2 or 4 ranks train on the same augmented global batch; a resumed run continues with the
 same draws. Evaluation is never augmented.
 
-`Augment.apply` works on a whole batch at once (NumPy gathers, no loop over samples): a batch of
-shifted images is one padded copy and one gather through a sliding-window view.
+`Augment` is the batch interface's augmentation hook (distcnn.data.split):
+`augment(pixels, rows, epoch)` edits a whole batch in place at once (NumPy gathers, no loop over
+samples): a batch of shifted images is one padded copy and one gather through a sliding-window
+view, about 0.1 ms for 64 MNIST images.
 """
 
 from __future__ import annotations
@@ -103,18 +106,9 @@ def _uniform_ints(words: np.ndarray, n: int) -> np.ndarray:
 
 
 class Augment:
-    """The operations of one `--augment` spec for one run (seed) and image shape.
+    """The operations of one `--augment` spec for one run (seed) and image shape."""
 
-    `fill` (C,) float32 is the normalised value of a stored 0 pixel, what shifts fill with.
-    """
-
-    def __init__(
-        self,
-        spec: str | None,
-        seed: int,
-        image_shape: tuple[int, int, int],
-        fill: np.ndarray | None = None,
-    ) -> None:
+    def __init__(self, spec: str | None, seed: int, image_shape: tuple[int, int, int]) -> None:
         self.ops = parse(spec)
         self.seed = int(seed)
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -125,8 +119,7 @@ class Augment:
                     f"--augment shift:{op.amount} is not smaller than the {h}x{w} images: "
                     f"use at most shift:{min(h, w) - 1}"
                 )
-        self.fill = np.zeros(c, np.float32) if fill is None else np.asarray(fill, np.float32)
-        self._padded: np.ndarray | None = None  # (B, C, H + 2P, W + 2P) scratch
+        self._padded: dict[tuple, np.ndarray] = {}  # (dtype, P) -> (B, C, H + 2P, W + 2P)
 
     def __bool__(self) -> bool:
         return bool(self.ops)
@@ -136,9 +129,14 @@ class Augment:
         """The canonical spec ('' when off)."""
         return ",".join(op.text() for op in self.ops)
 
+    def __call__(self, pixels: np.ndarray, samples: np.ndarray, epoch: int) -> None:
+        """The batch interface's hook: augment pixels (B, C, H, W) in place."""
+        self.apply(pixels, samples, epoch)
+
     def apply(self, x: np.ndarray, samples: np.ndarray, epoch: int) -> np.ndarray:
-        """Augment the batch x (B, C, H, W) float32 in place; `samples` (B,) are the global
-        sample indices of its rows, `epoch` the training epoch. Returns x."""
+        """Augment the batch x (B, C, H, W) (any dtype) in place; `samples` (B,) are the global
+        sample indices of its rows (rows of the file's split), `epoch` the training epoch.
+        Returns x."""
         if not self.ops or x.shape[0] == 0:
             return x
         samples = np.asarray(samples)
@@ -157,17 +155,17 @@ class Augment:
         return x
 
     def _shift(self, x: np.ndarray, p: int, oy: np.ndarray, ox: np.ndarray) -> None:
-        """x[b] <- x[b] translated by (p - oy[b], p - ox[b]) pixels, filled with self.fill.
+        """x[b] <- x[b] translated by (p - oy[b], p - ox[b]) pixels, filled with 0.
 
         out[b, c, y, x] = padded[b, c, y + oy[b], x + ox[b]], where padded holds x[b] at
-        offset (p, p) in a frame of fill values.
+        offset (p, p) in a frame of zeros.
         """
         n, c, h, w = x.shape
-        shape = (n, c, h + 2 * p, w + 2 * p)
-        if self._padded is None or self._padded.shape[0] < n or self._padded.shape[1:] != shape[1:]:
-            self._padded = np.empty(shape, np.float32)
-        padded = self._padded[:n]
-        padded[...] = self.fill.reshape(1, c, 1, 1)
+        key = (x.dtype.str, p)
+        padded = self._padded.get(key)
+        if padded is None or padded.shape[0] < n or padded.shape[1:] != (c, h + 2 * p, w + 2 * p):
+            padded = self._padded[key] = np.zeros((n, c, h + 2 * p, w + 2 * p), x.dtype)
+        padded = padded[:n]  # its frame stays zero: only the interior is ever written
         padded[:, :, p : p + h, p : p + w] = x
         windows = sliding_window_view(padded, (h, w), axis=(2, 3))  # (B, C, 2p+1, 2p+1, H, W)
         x[...] = windows[np.arange(n), :, oy, ox]  # (B, C, H, W): one gather

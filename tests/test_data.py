@@ -344,7 +344,7 @@ def test_build_non_integer_label(tmp_path, capsys):
     "images,labels,fragment",
     [
         (np.zeros((4, 9), np.uint8), np.zeros(4, np.int64), "must be (N, H, W), (N, C, H, W) or"),
-        (np.zeros((4, 1, 2, 2, 2), np.uint8), np.zeros(4, np.int64), "(N, C, H, W) or (N, H, W, C)"),
+        (np.zeros((4, 1, 2, 2, 2), np.uint8), np.zeros(4, np.int64), "or (N, H, W, C)"),
         (np.zeros((4, 3, 3), np.uint8), np.zeros((4, 1), np.int64), "must be 1-D (N,)"),
         (np.zeros((4, 3, 3), np.uint8), np.zeros(3, np.int64), "4 images but labels"),
         (np.zeros((0, 3, 3), np.uint8), np.zeros(0, np.int64), "is empty (N = 0)"),
