@@ -1,15 +1,28 @@
-"""Training configuration: flags, TOML config files, defaults, and their validation.
+"""Training configuration: one typed schema, from which the flags, the TOML reader and the check
+of a checkpoint's stored config are all derived.
 
-Standard library only, so `distcnn.train` can read `--threads` and set the BLAS thread count
-before NumPy is imported. Precedence, lowest first: built-in defaults, the config stored in the
-checkpoint being resumed, `--config FILE.toml`, flags on the command line.
+The schema is the dataclass `Config` itself: every field is one setting, declared with
+`setting(...)` (default, help, range or choices, whether it changes the trajectory). Its type
+comes from the annotation (`int`, `float`, `str`, `bool`, `X | None`). To add a setting, add a
+field: `--help`, the TOML keys, the type and range checks and the resume rules follow.
+
+Standard library only, so `distcnn.train` can read the thread count (flags and TOML) and set the
+BLAS thread count before NumPy is imported. Precedence, lowest first: built-in defaults, the
+config stored in the checkpoint being resumed, `--config FILE.toml`, flags on the command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
+import stat
 import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,45 +33,235 @@ else:  # pragma: no cover
 
 from distcnn.errors import ArgumentParser, UsageError
 
-DEFAULTS: dict[str, Any] = {
-    "data": None,  # None: the shipped data/mnist.h5
-    "model": None,  # None: the reference model
-    "epochs": 12,
-    "max_steps": None,
-    "batch_size": 64,
-    "lr": 0.05,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "lr_schedule": "cosine",
-    "warmup_epochs": 1.0,
-    "seed": 0,
-    "checkpoint_dir": "checkpoints",
-    "checkpoint_every": 500,
-    "keep": 3,
-    "resume": None,
-    "log": None,
-    "log_every": 10,
-    "threads": None,
-    "deterministic": False,
-    "collective_timeout": 300.0,
-    "val_fraction": 0.0,
-    "clip_norm": None,
-    "max_bad_steps": 3,
-    "eval_batch_size": 1000,
-    "no_progress": False,
-    "profile": False,
-    "dry_run": False,
-}
+SCHEDULES = ("constant", "cosine", "step")
+TOML_MAX_BYTES = 1 << 20  # a config file is a few lines; more is not a config file
 
+
+@dataclass(frozen=True)
+class Setting:
+    """How one field of Config is given, checked and inherited."""
+
+    help: str
+    metavar: str | None = None
+    min: float | None = None  # inclusive lower bound
+    max: float | None = None  # inclusive upper bound
+    above: float | None = None  # exclusive lower bound
+    below: float | None = None  # exclusive upper bound
+    choices: tuple[str, ...] | None = None
+    trajectory: bool = True  # changes the sequence of parameters a run produces
+    inherit: bool = True  # a resumed run takes it from the checkpoint's config
+    in_toml: bool = True  # may be set in a --config file
+    example: str | None = None  # a good value, for the fix in an error message
+    check: Callable[[Any], str | None] | None = None  # extra rule: a problem phrase or None
+
+
+def setting(default: Any, help: str, **kw: Any) -> Any:
+    """A Config field with its schema entry."""
+    return dataclasses.field(default=default, metadata={"setting": Setting(help, **kw)})
+
+
+def _clip_norm_rule(v: float) -> str | None:
+    return "would zero every step; give a positive norm or omit it" if v == 0 else None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved settings of a run; read as cfg.batch_size. Frozen: built once by resolve()."""
+
+    data: str | None = setting(
+        None, "HDF5 dataset (default: the shipped data/mnist.h5)", metavar="PATH"
+    )
+    model: str | None = setting(
+        None, "architecture spec (default: the reference model)", metavar="SPEC"
+    )
+    epochs: int = setting(12, "epochs (default 12)", min=1, max=10**6, metavar="N")
+    max_steps: int | None = setting(
+        None,
+        "stop after N optimizer steps in total",
+        min=1,
+        metavar="N",
+        trajectory=False,
+        inherit=False,  # limits one invocation: a resumed run without it goes on to --epochs
+    )
+    batch_size: int = setting(
+        64, "GLOBAL batch per step, split across ranks (default 64)", min=1, metavar="B"
+    )
+    lr: float = setting(0.05, "base learning rate (default 0.05)", above=0.0, example="0.05")
+    momentum: float = setting(0.9, "SGD momentum (default 0.9)", min=0.0, below=1.0)
+    weight_decay: float = setting(5e-4, "L2 weight decay (default 5e-4)", min=0.0)
+    lr_schedule: str = setting(
+        "cosine",
+        f"one of {', '.join(SCHEDULES)} (default cosine)",
+        choices=SCHEDULES,
+        metavar="NAME",
+    )
+    warmup_epochs: float = setting(
+        1.0, "linear learning-rate warm-up, in epochs (default 1)", min=0.0, max=1e6
+    )
+    seed: int = setting(
+        0, "decides initial weights and data order (default 0)", min=0, max=2**64 - 1
+    )
+    checkpoint_dir: str = setting(
+        "checkpoints",
+        "the run directory: checkpoints, metrics log, status (default checkpoints)",
+        metavar="DIR",
+        trajectory=False,
+    )
+    checkpoint_every: int = setting(
+        500, "save every N steps (and at the end)", min=1, metavar="N", trajectory=False
+    )
+    keep: int = setting(
+        3,
+        "keep the newest K checkpoints (default 3)",
+        min=1,
+        metavar="K",
+        trajectory=False,
+        example="3",
+    )
+    resume: str | None = setting(
+        None,
+        "resume from a checkpoint, or the newest in the dir",
+        metavar="PATH|auto",
+        trajectory=False,
+        inherit=False,
+    )
+    log: str | None = setting(
+        None, "append JSON Lines metrics to PATH", metavar="PATH", trajectory=False
+    )
+    log_every: int = setting(
+        10, "steps between step records (default 10)", min=1, metavar="N", trajectory=False
+    )
+    threads: int | None = setting(
+        None, "BLAS threads per rank", min=1, max=4096, metavar="T", trajectory=False
+    )
+    deterministic: bool = setting(False, "bitwise-identical results on 1, 2, 4 ranks")
+    collective_timeout: float = setting(
+        300.0,
+        "abort the job after S s in a collective",
+        above=0.0,
+        max=1e9,
+        metavar="S",
+        trajectory=False,
+    )
+    val_fraction: float = setting(
+        0.0, "carve a validation set from train", min=0.0, below=1.0, metavar="F"
+    )
+    clip_norm: float | None = setting(
+        None, "clip the global gradient norm to C", min=0.0, metavar="C", check=_clip_norm_rule
+    )
+    max_bad_steps: int = setting(
+        3,
+        "stop after N steps in a row skipped for a non-finite loss or gradient (default 3)",
+        min=1,
+        metavar="N",
+        trajectory=False,
+    )
+    eval_batch_size: int = setting(
+        1000, "batch for evaluation (default 1000)", min=1, metavar="B", trajectory=False
+    )
+    no_progress: bool = setting(False, "no progress lines, epoch summaries only", trajectory=False)
+    profile: bool = setting(
+        False, "print time per phase and per layer at the end", trajectory=False
+    )
+    dry_run: bool = setting(
+        False,
+        "print the resolved config and model, then exit",
+        trajectory=False,
+        inherit=False,
+        in_toml=False,
+    )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain {name: value}, as stored in checkpoints and run.json."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One row of the schema: a Config field's name, type and Setting."""
+
+    name: str
+    type: type  # int, float, str or bool
+    optional: bool  # None allowed
+    default: Any
+    s: Setting
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _schema() -> dict[str, Field]:
+    hints = typing.get_type_hints(Config)
+    rows = {}
+    for f in dataclasses.fields(Config):
+        t = hints[f.name]
+        args = typing.get_args(t)
+        optional = isinstance(t, types.UnionType) and type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else t
+        rows[f.name] = Field(f.name, base, optional, f.default, f.metadata["setting"])
+    return rows
+
+
+SCHEMA: dict[str, Field] = _schema()
+DEFAULTS: dict[str, Any] = {name: f.default for name, f in SCHEMA.items()}
 # Settings that do not change the sequence of parameters a run produces; everything else does,
 # and overriding it when resuming earns a warning.
-NON_TRAJECTORY = {
-    "checkpoint_dir", "checkpoint_every", "keep", "resume", "log", "log_every", "threads",
-    "collective_timeout", "eval_batch_size", "no_progress", "profile", "dry_run", "max_steps",
-    "max_bad_steps",
-}  # fmt: skip
+NON_TRAJECTORY = frozenset(n for n, f in SCHEMA.items() if not f.s.trajectory)
+NOT_INHERITED = frozenset(n for n, f in SCHEMA.items() if not f.s.inherit)
 
-SCHEDULES = ("constant", "cosine", "step")
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _num(v: float) -> str:
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def type_problem(f: Field, v: Any) -> str | None:
+    """Why v cannot be the value of f (a TOML value or a stored one), or None."""
+    if v is None and f.optional:
+        return None
+    ok = {
+        bool: isinstance(v, bool),
+        int: isinstance(v, int) and not isinstance(v, bool),
+        float: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: isinstance(v, str),
+    }[f.type]
+    if ok:
+        return None
+    return f"must be {_TYPE_WORDS[f.type]}, not {type(v).__name__} {v!r}"
+
+
+def value_problem(f: Field, v: Any) -> str | None:
+    """Why a value of the right type is out of f's range or choices, or None."""
+    s = f.s
+    if v is None or f.type is bool:
+        return None
+    if f.type is str:
+        if s.choices and v not in s.choices:
+            return f"is unknown; use one of {', '.join(s.choices)}"
+        if "\0" in v:
+            return "holds a NUL character"
+        return s.check(v) if s.check else None
+    if f.type is float and not math.isfinite(v):
+        lo = ">= 0" if s.min == 0 else "> 0" if s.above == 0 else ""
+        return f"must be a finite number {lo}".rstrip()
+    if f.type is int and s.min == 1 and v < 1:
+        return f"is not a positive whole number; use e.g. {f.flag} {s.example or 10}"
+    word = "a whole number" if f.type is int else "a finite number"
+    if s.min is not None and v < s.min:
+        return f"must be {word} >= {_num(s.min)}"
+    if s.above is not None and not v > s.above:
+        fix = f"; e.g. {f.flag} {s.example}" if s.example else ""
+        return f"must be {word} > {_num(s.above)}{fix}"
+    if s.below is not None and not v < s.below:
+        return f"must be below {_num(float(s.below))}"
+    if s.max is not None and v > s.max:
+        return f"must be at most {_num(s.max)}"
+    return s.check(v) if s.check else None
+
+
+# -- flags ------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,45 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a CNN with data-parallel SGD; run under mpirun -n N for N ranks.",
         argument_default=argparse.SUPPRESS,  # so we know which flags were given
     )
-    a = p.add_argument
-    a("--config", metavar="FILE.toml", help="read settings from a TOML file; flags override it")
-    a("--data", metavar="PATH", help="HDF5 dataset (default: the shipped data/mnist.h5)")
-    a("--model", metavar="SPEC", help="architecture spec (default: the reference model)")
-    a("--epochs", type=int, help=f"epochs (default {DEFAULTS['epochs']})")
-    a("--max-steps", type=int, metavar="N", help="stop after N optimizer steps in total")
-    a("--batch-size", type=int, metavar="B", help="GLOBAL batch per step, split across ranks")
-    a("--lr", type=float, help=f"base learning rate (default {DEFAULTS['lr']})")
-    a("--momentum", type=float, help=f"SGD momentum (default {DEFAULTS['momentum']})")
-    a("--weight-decay", type=float, help=f"L2 weight decay (default {DEFAULTS['weight_decay']})")
-    a("--lr-schedule", metavar="NAME", help=f"one of {', '.join(SCHEDULES)} (default cosine)")
-    a("--warmup-epochs", type=float, help="linear learning-rate warm-up, in epochs (default 1)")
-    a("--seed", type=int, help="decides initial weights and data order (default 0)")
-    a("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default checkpoints)")
-    a("--checkpoint-every", type=int, metavar="N", help="save every N steps (and at the end)")
-    a("--keep", type=int, metavar="K", help="keep the newest K checkpoints (default 3)")
-    a("--resume", metavar="PATH|auto", help="resume from a checkpoint, or the newest in the dir")
-    a("--log", metavar="PATH", help="append JSON Lines metrics to PATH")
-    a("--log-every", type=int, metavar="N", help="steps between step records (default 10)")
-    a("--threads", type=int, metavar="T", help="BLAS threads per rank")
-    a("--deterministic", action="store_true", help="bitwise-identical results on 1, 2, 4 ranks")
-    a(
-        "--collective-timeout",
-        type=float,
-        metavar="S",
-        help="abort the job after S s in a collective",
+    p.add_argument(
+        "--config", metavar="FILE.toml", help="read settings from a TOML file; flags override it"
     )
-    a("--val-fraction", type=float, metavar="F", help="carve a validation set from train")
-    a("--clip-norm", type=float, metavar="C", help="clip the global gradient norm to C")
-    a(
-        "--max-bad-steps",
-        type=int,
-        metavar="N",
-        help="stop after N steps in a row skipped for a non-finite loss or gradient (default 3)",
-    )
-    a("--eval-batch-size", type=int, metavar="B", help="batch for evaluation (default 1000)")
-    a("--no-progress", action="store_true", help="no progress lines, epoch summaries only")
-    a("--profile", action="store_true", help="print time per phase and per layer at the end")
-    a("--dry-run", action="store_true", help="print the resolved config and model, then exit")
+    for f in SCHEMA.values():
+        if f.type is bool:
+            p.add_argument(f.flag, action="store_true", help=f.s.help)
+        else:
+            p.add_argument(f.flag, type=f.type, metavar=f.s.metavar, help=f.s.help)
     return p
 
 
@@ -114,38 +286,143 @@ def parse_flags(argv: list[str] | None) -> dict[str, Any]:
     return vars(build_parser().parse_args(argv))
 
 
-def read_toml(path: str) -> dict[str, Any]:
-    """Settings from a TOML file: top-level keys named like the flags (dashes or underscores)."""
+# -- TOML -------------------------------------------------------------------------------------
+
+
+def read_text_file(path: str, what: str, limit: int = TOML_MAX_BYTES) -> str:
+    """The UTF-8 text of a small regular file, or UsageError naming `what` and the fix.
+
+    The file type is checked on the open descriptor before any read (opened non-blocking, so a
+    FIFO cannot stall the open), and at most `limit` + 1 bytes are read: a directory, FIFO,
+    device (/dev/zero) or huge file is refused at once instead of hanging or filling memory."""
     try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
-        raise UsageError(f"--config {path}: no such file; give the path of a TOML file") from None
+        raise UsageError(f"{what} {path}: no such file; give the path of a TOML file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a directory; give the path of a TOML file") from None
+    except OSError as e:
+        raise UsageError(
+            f"{what} {path} cannot be read ({e.strerror or e}); fix its permissions or give "
+            "another file"
+        ) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"{what} {path} is a directory; give the path of a TOML file")
+        if not stat.S_ISREG(mode):
+            raise UsageError(
+                f"{what} {path} is not a regular file (a FIFO, socket or device); give the path "
+                "of a TOML file"
+            )
+        chunks, got = [], 0
+        while got <= limit:
+            try:
+                b = os.read(fd, limit + 1 - got)
+            except OSError as e:
+                raise UsageError(
+                    f"{what} {path} cannot be read ({e.strerror or e}); give another file"
+                ) from None
+            if not b:
+                break
+            chunks.append(b)
+            got += len(b)
+        if got > limit:
+            raise UsageError(
+                f"{what} {path} is larger than {limit} bytes, too large for a config file"
+            )
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{what} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Settings from a TOML file: top-level keys named like the flags (dashes or underscores),
+    each type- and range-checked against the schema."""
+    text = read_text_file(path, "--config")
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"--config {path} is not valid TOML ({e}); fix the file") from None
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name not in DEFAULTS or name in ("config", "dry_run"):
+        f = SCHEMA.get(name)
+        if f is None or not f.s.in_toml:
             raise UsageError(
                 f"--config {path}: unknown setting {key!r}; use the flag names of --help"
             )
-        out[name] = value
+        problem = type_problem(f, value) or value_problem(f, value)
+        if problem:
+            raise UsageError(f"--config {path}: {key} = {_toml_repr(value)} {problem}")
+        out[name] = float(value) if f.type is float else value
+    return out
+
+
+def _toml_repr(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, dict):
+        return "{...} (a table)"
+    if isinstance(v, list):
+        return "[...] (an array)"
+    return repr(v)
+
+
+# -- resolving --------------------------------------------------------------------------------
+
+
+def check_stored(
+    stored: dict[str, Any], path: str, overridden: frozenset[str] | set[str] = frozenset()
+) -> dict[str, Any]:
+    """The inheritable settings of a checkpoint's config, each checked against the schema
+    (except those the flags or the TOML file override). Settings this version does not know
+    are ignored (an older or newer writer)."""
+    out = {}
+    for name, value in stored.items():
+        f = SCHEMA.get(name)
+        if f is None or not f.s.inherit:
+            continue
+        if name in overridden:
+            out[name] = value  # compared in resolve() for the warning, never used
+            continue
+        problem = type_problem(f, value) or value_problem(f, value)
+        if problem:
+            raise UsageError(
+                f"checkpoint {path}: its config has {name} {value!r}, which {problem}; give "
+                f"{f.flag} to override it or resume from another checkpoint"
+            )
+        out[name] = float(value) if f.type is float and value is not None else value
     return out
 
 
 def resolve(
-    flags: dict[str, Any], checkpoint_config: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], list[str]]:
-    """Merge defaults < checkpoint config < TOML < flags; return (config, warnings)."""
-    cfg = dict(DEFAULTS)
+    flags: dict[str, Any],
+    checkpoint_config: dict[str, Any] | None = None,
+    toml: dict[str, Any] | None = None,
+) -> tuple[Config, list[str]]:
+    """Merge defaults < checkpoint config < TOML < flags; return (config, warnings).
+
+    checkpoint_config must already be checked (check_stored); toml, when given, is the already
+    read --config file (else it is read here)."""
+    values = dict(DEFAULTS)
     warnings: list[str] = []
     if checkpoint_config:
-        cfg.update({k: v for k, v in checkpoint_config.items() if k in DEFAULTS})
-    given = {}
-    if flags.get("config"):
-        given.update(read_toml(flags["config"]))
-    given.update(flags)
+        values.update({k: v for k, v in checkpoint_config.items() if k in SCHEMA})
+    given: dict[str, Any] = {}
+    if toml is None and flags.get("config"):
+        toml = read_toml(flags["config"])
+    given.update(toml or {})
+    given.update({k: v for k, v in flags.items() if k != "config"})
     for key, value in given.items():
         if (
             checkpoint_config
@@ -153,62 +430,25 @@ def resolve(
             and key in checkpoint_config
             and checkpoint_config[key] != value
         ):
-            flag = "--" + key.replace("_", "-")
             warnings.append(
-                f"{flag} {value} overrides {checkpoint_config[key]} from the checkpoint; "
-                "the resumed run will not match the original one"
+                f"{SCHEMA[key].flag} {value} overrides {checkpoint_config[key]} from the "
+                "checkpoint; the resumed run will not match the original one"
             )
-    cfg.update(given)
+    values.update(given)
+    cfg = Config(**values)
     validate(cfg)
     return cfg, warnings
 
 
-def validate(cfg: dict[str, Any]) -> None:
+def validate(cfg: Config) -> None:
     """Raise UsageError naming the first bad value and the fix."""
-
-    def positive(key: str, allow_none: bool = False) -> None:
-        v = cfg[key]
-        if v is None and allow_none:
-            return
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"{flag} {v} is not a positive whole number; use e.g. {flag} 10")
-
-    def nonneg_float(key: str, upper: float | None = None) -> None:
-        v = cfg[key]
-        flag = "--" + key.replace("_", "-")
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise UsageError(f"{flag} {v} must be a finite number >= 0")
-        if upper is not None and v >= upper:
-            raise UsageError(f"{flag} {v} must be below {upper}")
-
-    for key in ("epochs", "batch_size", "checkpoint_every", "log_every", "eval_batch_size"):
-        positive(key)
-    positive("max_bad_steps")
-    positive("max_steps", allow_none=True)
-    positive("threads", allow_none=True)
-    if not isinstance(cfg["keep"], int) or cfg["keep"] < 1:
-        raise UsageError(f"--keep {cfg['keep']} must be at least 1; use --keep 2 or more")
-    if not isinstance(cfg["lr"], (int, float)) or not math.isfinite(cfg["lr"]) or cfg["lr"] <= 0:
-        raise UsageError(f"--lr {cfg['lr']} must be a finite number > 0; e.g. --lr 0.05")
-    nonneg_float("momentum", upper=1.0)
-    nonneg_float("weight_decay")
-    nonneg_float("warmup_epochs")
-    nonneg_float("val_fraction", upper=1.0)
-    if cfg["clip_norm"] is not None:
-        nonneg_float("clip_norm")
-        if cfg["clip_norm"] == 0:
-            raise UsageError("--clip-norm 0 would zero every step; give a positive norm or omit it")
-    ct = cfg["collective_timeout"]
-    if not isinstance(ct, (int, float)) or not ct > 0:
-        raise UsageError(f"--collective-timeout {ct} must be a number of seconds > 0")
-    if cfg["lr_schedule"] not in SCHEDULES:
+    for f in SCHEMA.values():
+        v = getattr(cfg, f.name)
+        problem = type_problem(f, v) or value_problem(f, v)
+        if problem:
+            shown = f"{v!r}" if f.type is str else _num(v)
+            raise UsageError(f"{f.flag} {shown} {problem}")
+    if cfg.data is not None and not Path(cfg.data).is_file():
         raise UsageError(
-            f"--lr-schedule {cfg['lr_schedule']!r} is unknown; use one of {', '.join(SCHEDULES)}"
-        )
-    if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
-        raise UsageError(f"--seed {cfg['seed']} must be a whole number >= 0")
-    if cfg["data"] is not None and not Path(cfg["data"]).is_file():
-        raise UsageError(
-            f"--data {cfg['data']}: no such file; build one with python -m distcnn.data build"
+            f"--data {cfg.data}: no such file; build one with python -m distcnn.data build"
         )

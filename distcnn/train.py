@@ -17,12 +17,12 @@ import dataclasses
 import io
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distcnn.errors import UsageError
 
-# settings a resumed run does not take from the checkpoint's config
-NOT_INHERITED = ("max_steps", "resume", "dry_run")
+if TYPE_CHECKING:
+    from distcnn.config import Config
 
 
 def _error(msg: str) -> int:
@@ -45,10 +45,28 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         return _error(str(e)) if rank == 0 else 2
 
+    # Rank 0 reads --config (bounded: a regular file of at most 1 MiB, so it cannot hang) and
+    # every rank gets its settings; the thread count they name must be known before NumPy loads.
+    early: dict[str, Any] = {}
+    if rank == 0:
+        try:
+            early = {"toml": config.read_toml(flags["config"]) if flags.get("config") else {}}
+        except UsageError as e:
+            early = {"error": str(e)}
+    early = world.bcast(early, root=0)  # MPI: pickled dict, before NumPy and the watchdog
+    if early.get("error"):
+        return _error(early["error"]) if rank == 0 else 2
+    toml = early["toml"]
+
     from distcnn import threads
 
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
-    n_threads, source = threads.choose(flags.get("threads"), node.Get_size())
+    if "threads" in flags:
+        n_threads, source = flags["threads"], "--threads"
+    elif toml.get("threads") is not None:
+        n_threads, source = toml["threads"], "--config"
+    else:
+        n_threads, source = threads.choose(None, node.Get_size())
     node.Free()
     threads.apply(n_threads)
 
@@ -56,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # The watchdog guards setup too (a rank stuck reading a checkpoint on a stalled file
     # system); the resolved --collective-timeout replaces this once the config is known.
-    early = flags.get("collective_timeout", config.DEFAULTS["collective_timeout"])
-    comm = Comm(world, timeout=early if early > 0 else config.DEFAULTS["collective_timeout"])
-    return run_or_abort(lambda: _run(flags, comm, n_threads, source), comm)
+    timeout = flags.get("collective_timeout", toml.get("collective_timeout"))
+    if not (isinstance(timeout, float) and 0 < timeout <= 1e9):
+        timeout = config.DEFAULTS["collective_timeout"]
+    comm = Comm(world, timeout=timeout)
+    return run_or_abort(lambda: _run(flags, toml, comm, n_threads, source), comm)
 
 
 def _agree(comm: Any, err: str | None) -> str | None:
@@ -70,7 +90,9 @@ def _agree(comm: Any, err: str | None) -> str | None:
     return None
 
 
-def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -> int:
+def _run(
+    flags: dict[str, Any], toml: dict[str, Any], comm: Any, n_threads: int, thread_source: str
+) -> int:
     from distcnn import checkpoint as ckpt
     from distcnn import config
 
@@ -79,7 +101,7 @@ def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -
     loaded = None  # rank 0: the whole checkpoint resumed from; the others get its metadata
     if comm.rank == 0:
         try:
-            decision, loaded = _resume_decision(flags)
+            decision, loaded = _resume_decision(flags, toml)
         except UsageError as e:
             decision = {"error": str(e)}
     decision = comm.bcast_object(decision, 0, "resume decision")  # MPI
@@ -89,17 +111,22 @@ def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -
     err = None
     trainer = None
     try:
-        cfg, warnings = config.resolve(flags, decision.get("config"))
+        cfg, warnings = config.resolve(flags, decision.get("config"), toml)
         warnings = decision.get("notes", []) + warnings
-        comm.timeout = float(cfg["collective_timeout"])
-        if cfg["deterministic"] and cfg["threads"] is None and n_threads != 1:
+        comm.timeout = float(cfg.collective_timeout)
+        from distcnn import threads
+
+        if cfg.threads is not None and cfg.threads != n_threads:
+            # inherited from the checkpoint's config (flags and TOML were applied before NumPy
+            # loaded): set it now, through threadpoolctl
+            n_threads, thread_source = cfg.threads, "the checkpoint's config"
+            threads.apply(n_threads)
+        elif cfg.deterministic and cfg.threads is None and n_threads != 1:
             # Bitwise reproducibility across rank counts needs the same BLAS partitioning on
             # every rank: pin one thread unless --threads names the count.
-            from distcnn import threads
-
             n_threads, thread_source = 1, "--deterministic"
             threads.apply(1)
-        if cfg["dry_run"]:
+        if cfg.dry_run:
             if comm.rank == 0:
                 _dry_run(cfg, n_threads, thread_source, comm.size)
             return 0
@@ -109,7 +136,7 @@ def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -
         if decision.get("path"):
             resume = loaded if comm.rank == 0 else decision["meta"]
         if comm.rank == 0:
-            _check_checkpoint_dir(cfg["checkpoint_dir"])
+            _check_checkpoint_dir(cfg.checkpoint_dir)
     except UsageError as e:
         err = str(e)
     err = _agree(comm, err)  # MPI: before the Trainer, whose construction is collective
@@ -118,7 +145,7 @@ def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -
     try:
         trainer = Trainer(cfg, comm, warnings, resume, decision.get("path"))
         if comm.rank == 0:
-            for p in ckpt.remove_stale_temporaries(cfg["checkpoint_dir"]):
+            for p in ckpt.remove_stale_temporaries(cfg.checkpoint_dir):
                 trainer.console.warn(f"removed {p}, left by an interrupted save")
     except UsageError as e:
         err = str(e)
@@ -131,7 +158,7 @@ def _run(flags: dict[str, Any], comm: Any, n_threads: int, thread_source: str) -
     trainer.start()
     if comm.rank == 0:
         print(f"threads per rank: {n_threads} (from {thread_source})", flush=True)
-        print("config: " + json.dumps(trainer.cfg, sort_keys=True), flush=True)
+        print("config: " + json.dumps(trainer.cfg.as_dict(), sort_keys=True), flush=True)
     try:
         return trainer.run()
     except SaveFailed as e:
@@ -161,13 +188,12 @@ def _check_checkpoint_dir(path: str) -> None:
         ) from None
 
 
-def _resume_decision(flags: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+def _resume_decision(flags: dict[str, Any], toml: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """On rank 0: which checkpoint to resume from (if any), as (a decision to broadcast: path,
     inherited config, metadata and notes; the loaded checkpoint, or None)."""
     from distcnn import checkpoint as ckpt
     from distcnn import config
 
-    toml = config.read_toml(flags["config"]) if flags.get("config") else {}
     resume = flags.get("resume", toml.get("resume"))
     if not resume:
         return {}, None
@@ -190,23 +216,24 @@ def _resume_decision(flags: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     ck = ckpt.load(path)
     meta = dataclasses.replace(ck, params={}, velocity={})  # what the other ranks need
     notes.append(f"resuming from {path} at step {ck.step} (written by {ck.world_size} rank(s))")
-    # --max-steps limits one invocation: a resumed run without it goes on to --epochs
-    inherited = {k: v for k, v in ck.config.items() if k not in NOT_INHERITED}
+    # settings marked inherit=False (e.g. --max-steps, which limits one invocation) are not
+    # taken from the checkpoint; the others are type- and range-checked like flags
+    inherited = config.check_stored(ck.config, str(path), set(flags) | set(toml))
     return {"path": str(path), "config": inherited, "meta": meta, "notes": notes}, ck
 
 
-def _dry_run(cfg: dict[str, Any], n_threads: int, thread_source: str, ranks: int) -> None:
+def _dry_run(cfg: Config, n_threads: int, thread_source: str, ranks: int) -> None:
     import h5py
 
     from distcnn import data as datamod
     from distcnn.model import REFERENCE_SPEC, Model
 
-    path = cfg["data"] or str(datamod.DEFAULT_DATASET)
+    path = cfg.data or str(datamod.DEFAULT_DATASET)
     train = datamod.load_split(path, "train")
     with h5py.File(path, "r") as f:
         splits = {k: f[k]["labels"].shape[0] for k in f if isinstance(f[k], h5py.Group)}
-    model = Model(cfg["model"] or REFERENCE_SPEC, train.image_shape, train.num_classes)
-    print("config: " + json.dumps(cfg, sort_keys=True))
+    model = Model(cfg.model or REFERENCE_SPEC, train.image_shape, train.num_classes)
+    print("config: " + json.dumps(cfg.as_dict(), sort_keys=True))
     print(f"ranks: {ranks}, threads per rank: {n_threads} (from {thread_source})")
     print(f"data: {path} {splits}, image {train.image_shape}, {train.num_classes} classes")
     print(f"{'layer':<8} {'kind':<24} {'output':<16} {'params':>10} {'MFLOP/img':>10}")

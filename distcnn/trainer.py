@@ -28,7 +28,9 @@ import numpy as np
 from distcnn import checkpoint as ckpt
 from distcnn import data as datamod
 from distcnn.comm import Comm
+from distcnn.config import Config
 from distcnn.errors import UsageError
+from distcnn.faults import fault_from_env, inject_fault
 from distcnn.model import REFERENCE_SPEC, Model
 from distcnn.optim import SGD, learning_rate
 from distcnn.progress import Progress, fmt_metric, hms, profile_table
@@ -108,33 +110,6 @@ class Preemption:
         self.signal_name = signal.Signals(signum).name
 
 
-def fault_from_env(rank: int) -> tuple[int, str] | None:
-    """DISTCNN_FAULT=<rank>:<step>:<raise|exit|hang|nan> -> (step, mode) for this rank."""
-    spec = os.environ.get("DISTCNN_FAULT", "").strip()
-    if not spec:
-        return None
-    try:
-        r, s, mode = spec.split(":")
-        r_i, s_i = int(r), int(s)
-    except ValueError:
-        raise UsageError(
-            f"DISTCNN_FAULT={spec!r} is malformed; use <rank>:<step>:<raise|exit|hang|nan>"
-        ) from None
-    if mode not in ("raise", "exit", "hang", "nan"):
-        raise UsageError(f"DISTCNN_FAULT mode {mode!r} is unknown; use raise, exit, hang or nan")
-    return (s_i, mode) if r_i == rank else None
-
-
-def inject_fault(mode: str, step: int, rank: int) -> None:
-    if mode == "raise":
-        raise RuntimeError(f"DISTCNN_FAULT: injected failure on rank {rank} at step {step}")
-    if mode == "exit":
-        sys.exit(3)
-    if mode == "hang":
-        while True:
-            time.sleep(3600)
-
-
 class Console:
     """Rank 0's printing and metrics log; silent on other ranks."""
 
@@ -207,7 +182,7 @@ def evaluate_split(
 class Trainer:
     def __init__(
         self,
-        cfg: dict[str, Any],
+        cfg: Config,
         comm: Comm,
         warnings: list[str],
         resume: ckpt.Checkpoint | None,
@@ -215,25 +190,25 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.comm = comm
-        self.console = Console(comm, cfg["log"], resume.step if resume else None)
+        self.console = Console(comm, cfg.log, resume.step if resume else None)
         for w in warnings:
             self.console.warn(w)
-        data_path = cfg["data"] or str(datamod.DEFAULT_DATASET)
+        data_path = cfg.data or str(datamod.DEFAULT_DATASET)
         self.train = datamod.load_split(data_path, "train")
         self.val = self._validation_split(data_path)
         self.test = self._optional_split(data_path, "test")
-        if cfg["batch_size"] < comm.size:
+        if cfg.batch_size < comm.size:
             raise UsageError(
-                f"--batch-size {cfg['batch_size']} is smaller than the {comm.size} ranks; "
+                f"--batch-size {cfg.batch_size} is smaller than the {comm.size} ranks; "
                 f"use at least {comm.size}"
             )
-        if cfg["deterministic"] and DET_SHARDS % comm.size:
+        if cfg.deterministic and DET_SHARDS % comm.size:
             raise UsageError(
                 f"--deterministic needs a number of ranks that divides {DET_SHARDS}, got "
                 f"{comm.size}; run on 1, 2, 4 or 8 ranks"
             )
         self.model = Model(
-            cfg["model"] or REFERENCE_SPEC,
+            cfg.model or REFERENCE_SPEC,
             self.train.image_shape,
             self.train.num_classes,
             np.float32,
@@ -243,7 +218,7 @@ class Trainer:
         self.n_params = self.model.num_params
         # The reduce buffer: [gradient (P) | loss sum | correct | stop flag]; grads are a view.
         self.red = self.model.grad_buffer
-        self.opt = SGD(self.model.params, cfg["momentum"], cfg["weight_decay"])
+        self.opt = SGD(self.model.params, cfg.momentum, cfg.weight_decay)
         self.velocity_views = self.model.views_of(self.opt.velocity)
         self.state = TrainState()
         self.phases = Phases()
@@ -251,14 +226,14 @@ class Trainer:
         self.preempt.install()  # early, so a signal during setup is not fatal either
         self.saved_step = -1  # step of the last ckpt-<step>.h5 written by this run
         self.fault = fault_from_env(comm.rank)
-        self.steps_per_epoch = steps_per_epoch(len(self.train), cfg["batch_size"])
-        self.total_steps = cfg["epochs"] * self.steps_per_epoch
-        if cfg["max_steps"] is not None:
-            self.total_steps = min(self.total_steps, cfg["max_steps"])
-        self.schedule_steps = cfg["epochs"] * self.steps_per_epoch
-        shard = -(-cfg["batch_size"] // (DET_SHARDS if cfg["deterministic"] else comm.size))
+        self.steps_per_epoch = steps_per_epoch(len(self.train), cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.schedule_steps = cfg.epochs * self.steps_per_epoch
+        shard = -(-cfg.batch_size // (DET_SHARDS if cfg.deterministic else comm.size))
         self.xbuf = np.empty((shard, *self.train.image_shape), dtype=np.float32)
-        if cfg["deterministic"]:
+        if cfg.deterministic:
             levels = int(math.log2(DET_SHARDS // comm.size)) + 1
             self.tree = [np.zeros_like(self.red) for _ in range(levels)]
             self.gathered = np.zeros((comm.size, self.red.size), dtype=np.float32)
@@ -275,7 +250,7 @@ class Trainer:
 
     def _validation_split(self, path: str) -> datamod.Split | None:
         val = self._optional_split(path, "val")
-        frac = self.cfg["val_fraction"]
+        frac = self.cfg.val_fraction
         if frac <= 0:
             return val
         n = len(self.train)
@@ -286,7 +261,7 @@ class Trainer:
                 "use a fraction that keeps at least one sample on each side"
             )
         perm = np.random.default_rng(
-            np.random.SeedSequence(self.cfg["seed"], spawn_key=(2,))
+            np.random.SeedSequence(self.cfg.seed, spawn_key=(2,))
         ).permutation(n)
         v_idx, t_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         full = self.train
@@ -306,7 +281,7 @@ class Trainer:
         if self.comm.rank != 0:
             return
         if resume is None:
-            self.model.init_params(self.cfg["seed"])
+            self.model.init_params(self.cfg.seed)
             return
         ckpt.check_fits(
             resume,
@@ -341,7 +316,7 @@ class Trainer:
         t = time.perf_counter()
         fwd0, bwd0, comm0 = model.seconds["forward"], model.seconds["backward"], comm.comm_seconds
         red[P + 2] = 1.0 if self.preempt.requested else 0.0
-        if cfg["deterministic"]:
+        if cfg.deterministic:
             self._deterministic_grads(batch)
         else:
             lo, hi = shard_bounds(n, comm.size, comm.rank)
@@ -365,16 +340,16 @@ class Trainer:
         finite = bool(np.isfinite(red[: P + 2].sum()))
         if finite:
             scale = 1.0
-            if cfg["clip_norm"] is not None:
+            if cfg.clip_norm is not None:
                 norm = float(np.sqrt(np.dot(grads, grads)))
-                if norm > cfg["clip_norm"]:
-                    scale = cfg["clip_norm"] / norm
+                if norm > cfg.clip_norm:
+                    scale = cfg.clip_norm / norm
             lr = learning_rate(
-                cfg["lr_schedule"],
-                cfg["lr"],
+                cfg.lr_schedule,
+                cfg.lr,
                 self.state.step,
                 self.schedule_steps,
-                int(cfg["warmup_epochs"] * self.steps_per_epoch),
+                int(cfg.warmup_epochs * self.steps_per_epoch),
             )
             self.opt.step(grads, lr, scale)
         self.phases.add("optimizer", t)
@@ -431,12 +406,12 @@ class Trainer:
             epoch=self.state.epoch,
             offset=self.state.offset,
             world_size=self.comm.size,
-            seed=self.cfg["seed"],
+            seed=self.cfg.seed,
             best_val=self.state.best_val,
             num_classes=self.model.num_classes,
             input_shape=self.model.input_shape,
             model=self.model.spec,
-            config=self.cfg,
+            config=self.cfg.as_dict(),
             extra={"log_state": self.state.log_state()},
         )
 
@@ -446,13 +421,13 @@ class Trainer:
         t = time.perf_counter()
         err = ""
         if self.comm.rank == 0:
-            d = Path(self.cfg["checkpoint_dir"])
+            d = Path(self.cfg.checkpoint_dir)
             try:
                 state = self.checkpoint_state()
                 if self.saved_step != self.state.step:
                     ckpt.save(d / ckpt.file_name(self.state.step), state)
                     self.saved_step = self.state.step
-                    ckpt.prune(d, self.cfg["keep"])
+                    ckpt.prune(d, self.cfg.keep)
                 if best:
                     ckpt.save(d / "best.h5", state)
             except Exception as e:  # disk full, directory gone, h5py errors: all end the job
@@ -464,11 +439,11 @@ class Trainer:
 
     def run(self) -> int:
         """Train to the step limit; the exit code (0 done or preempted, 1 too many bad steps)."""
-        if self.cfg["profile"]:
+        if self.cfg.profile:
             self.model.profile_layers()
         first_step = self.state.step
         code = self._train()
-        if self.cfg["profile"]:
+        if self.cfg.profile:
             self.console.print(self.profile_report(self.state.step - first_step))
         return code
 
@@ -477,23 +452,23 @@ class Trainer:
         n_train = len(self.train)
         con.print(
             f"distcnn: {comm.size} rank(s), model {self.model.spec} ({self.n_params:,} params), "
-            f"{n_train} train images {self.train.image_shape}, global batch {cfg['batch_size']}, "
-            f"{self.steps_per_epoch} steps/epoch, {cfg['epochs']} epochs"
+            f"{n_train} train images {self.train.image_shape}, global batch {cfg.batch_size}, "
+            f"{self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
         )
         if comm.size > 1:
             con.print(f"gradient allreduce: {comm.allreduce_path}")
         if st.step >= self.total_steps:
             con.print(f"already at step {st.step} of {self.total_steps}: nothing to do")
             return 0
-        order = epoch_order(cfg["seed"], st.epoch, n_train)
-        prog = self.progress = Progress(con.on, self.total_steps, st.step, not cfg["no_progress"])
+        order = epoch_order(cfg.seed, st.epoch, n_train)
+        prog = self.progress = Progress(con.on, self.total_steps, st.step, not cfg.no_progress)
         t_log, imgs_since, t_epoch, imgs_epoch = time.perf_counter(), 0, time.perf_counter(), 0
         epoch_sums = st.epoch_sums  # this epoch's loss * images, correct, images (finite steps)
         mark_step, mark_phases = st.step, dict(self.phases.seconds)
         bad_in_row = 0
         stop = False
         while st.step < self.total_steps and not stop:
-            batch = order[st.offset : st.offset + cfg["batch_size"]]
+            batch = order[st.offset : st.offset + cfg.batch_size]
             if self.fault and self.fault[0] == st.step + 1 and self.fault[1] != "nan":
                 inject_fault(self.fault[1], st.step + 1, comm.rank)
             loss, acc, stop, finite = self.step(batch)
@@ -517,7 +492,7 @@ class Trainer:
             end_of_epoch = st.offset >= n_train
             last = st.step >= self.total_steps or stop
             rec = None
-            if st.step % cfg["log_every"] == 0 or last:
+            if st.step % cfg.log_every == 0 or last:
                 now = time.perf_counter()
                 steps = st.step - mark_step
                 rec = {
@@ -528,11 +503,11 @@ class Trainer:
                     "loss": st.loss_sum / st.window if st.window else None,
                     "accuracy": st.acc_sum / st.window if st.window else None,
                     "lr": learning_rate(
-                        cfg["lr_schedule"],
-                        cfg["lr"],
+                        cfg.lr_schedule,
+                        cfg.lr,
                         st.step - 1,
                         self.schedule_steps,
-                        int(cfg["warmup_epochs"] * self.steps_per_epoch),
+                        int(cfg.warmup_epochs * self.steps_per_epoch),
                     ),
                     "images_per_sec": imgs_since / max(1e-9, now - t_log),
                     # mean seconds per step in each phase since the previous record (rank 0)
@@ -545,7 +520,7 @@ class Trainer:
                 con.record(rec)
                 t_log, imgs_since = now, 0
                 mark_step, mark_phases = st.step, dict(self.phases.seconds)
-                if st.step % cfg["log_every"] == 0:  # windows end at multiples of --log-every
+                if st.step % cfg.log_every == 0:  # windows end at multiples of --log-every
                     st.window_start, st.loss_sum, st.acc_sum, st.window = st.step, 0.0, 0.0, 0
             prog.update(st.step, rec)
             if end_of_epoch:
@@ -555,8 +530,8 @@ class Trainer:
                 epoch_sums[:] = 0  # before _end_of_epoch, which may save (best.h5)
                 self._end_of_epoch(imgs_epoch, time.perf_counter() - t_epoch, sums)
                 t_epoch, imgs_epoch = time.perf_counter(), 0
-                order = epoch_order(cfg["seed"], st.epoch, n_train)
-            if st.step % cfg["checkpoint_every"] == 0 and not last:
+                order = epoch_order(cfg.seed, st.epoch, n_train)
+            if st.step % cfg.checkpoint_every == 0 and not last:
                 self._replica_check()
                 self.save()
         prog.close()
@@ -596,7 +571,7 @@ class Trainer:
         Every rank reaches the same verdict from the same reduced values, so all return the
         same exit code with no collective; the newest checkpoint is left as it is (checkpoints
         never hold non-finite values: checkpoint.save refuses them)."""
-        step, limit = self.state.step, self.cfg["max_bad_steps"]
+        step, limit = self.state.step, self.cfg.max_bad_steps
         if in_row < limit:
             self.progress.warn(
                 f"warning: step {step}: non-finite loss or gradient on some rank; update skipped "
@@ -616,7 +591,7 @@ class Trainer:
         """evaluate_split, timed as "eval" and kept out of the per-layer profile."""
         t = time.perf_counter()
         timers, self.model.layer_seconds = self.model.layer_seconds, None
-        m = evaluate_split(self.model, split, self.comm, self.cfg["eval_batch_size"])
+        m = evaluate_split(self.model, split, self.comm, self.cfg.eval_batch_size)
         self.model.layer_seconds = timers
         self.phases.add("eval", t)
         return m
@@ -636,7 +611,7 @@ class Trainer:
             "accuracy": sums[1] / n if n else None,
             "images_per_sec": images / max(seconds, 1e-9),
         }
-        line = f"epoch {st.epoch}/{cfg['epochs']}  step {st.step}/{self.total_steps}  "
+        line = f"epoch {st.epoch}/{cfg.epochs}  step {st.step}/{self.total_steps}  "
         line += f"train loss {fmt_metric(rec['loss'])} acc {fmt_metric(rec['accuracy'])}  "
         if self.val is not None:
             m = self._evaluate(self.val)

@@ -457,10 +457,10 @@ def test_config_precedence_checkpoint_toml_flags(tiny_data, tmp_path, capsys):
     toml = tmp_path / "run.toml"
     toml.write_text("lr = 0.2\nepochs = 4\nlog-every = 7\n")
     cfg, warnings = config.resolve({"config": str(toml), "epochs": 3}, stored)
-    assert cfg["weight_decay"] == config.DEFAULTS["weight_decay"]  # default
-    assert cfg["momentum"] == 0.5 and cfg["batch_size"] == 20  # checkpoint over defaults
-    assert cfg["lr"] == 0.2 and cfg["log_every"] == 7  # TOML over the checkpoint
-    assert cfg["epochs"] == 3  # flag over TOML
+    assert cfg.weight_decay == config.DEFAULTS["weight_decay"]  # default
+    assert cfg.momentum == 0.5 and cfg.batch_size == 20  # checkpoint over defaults
+    assert cfg.lr == 0.2 and cfg.log_every == 7  # TOML over the checkpoint
+    assert cfg.epochs == 3  # flag over TOML
     assert any(w.startswith("--lr 0.2 overrides 0.07") for w in warnings)
 
     ck = make_checkpoint(tmp_path / "ckpt-00000007.h5", tiny_data)

@@ -33,7 +33,7 @@ def last_err(capsys: pytest.CaptureFixture) -> str:
         (["--lr-schedule", "wavy"], "error: --lr-schedule 'wavy' is unknown"),
         (["--epochs", "abc"], "error: argument --epochs: invalid int value: 'abc'"),
         (["--no-such-flag"], "error: unrecognized arguments: --no-such-flag"),
-        (["--keep", "0"], "error: --keep 0 must be at least 1"),
+        (["--keep", "0"], "error: --keep 0 is not a positive whole number; use e.g. --keep 3"),
         (["--data", "missing.h5"], "error: --data missing.h5: no such file"),
         (["--model", "conv:8:3,relu,blur:2,dense"], "error: unknown layer 'blur:2' in --model"),
         (["--model", "conv:8:3,relu"], "error: --model must end with a dense layer of 3 outputs"),
@@ -46,7 +46,7 @@ def last_err(capsys: pytest.CaptureFixture) -> str:
             "error: layer 5 'maxpool:2' of --model does not fit its input (4, 1, 1)",
         ),
         (["--val-fraction", "1.5"], "error: --val-fraction 1.5 must be below 1.0"),
-        (["--clip-norm", "0"], "error: --clip-norm 0 would zero every step"),
+        (["--clip-norm", "0"], "error: --clip-norm 0.0 would zero every step"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(
