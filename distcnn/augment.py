@@ -22,55 +22,15 @@ view, about 0.1 ms for 64 MNIST images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from distcnn.augment_spec import MAX_SHIFT, Op, parse
 from distcnn.errors import UsageError
 
-MAX_SHIFT = 64  # pixels; a larger shift leaves nothing of most images
+__all__ = ["MAX_SHIFT", "Augment", "Op", "parse", "random_words"]
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: SplitMix64's increment
-_OPS_HELP = "use shift:P (P pixels, e.g. shift:2) and/or flip, comma-separated"
-
-
-@dataclass(frozen=True)
-class Op:
-    """One operation of a spec: kind ('shift' or 'flip') and its pixel amount (shift only)."""
-
-    kind: str
-    amount: int = 0
-
-    def text(self) -> str:
-        return f"shift:{self.amount}" if self.kind == "shift" else self.kind
-
-
-def parse(spec: str | None) -> tuple[Op, ...]:
-    """`--augment SPEC` -> its operations (empty for None, '' or 'none'); UsageError if bad."""
-    if spec is None or spec.strip().lower() in ("", "none", "off"):
-        return ()
-    ops = []
-    for token in spec.split(","):
-        token = token.strip()
-        kind, _, arg = token.partition(":")
-        kind = kind.lower()
-        if kind == "flip" and not arg:
-            ops.append(Op("flip"))
-        elif kind == "shift":
-            try:
-                amount = int(arg)
-            except ValueError:
-                amount = -1
-            if not 1 <= amount <= MAX_SHIFT:
-                raise UsageError(
-                    f"--augment {spec}: {token!r} needs a whole number of pixels from 1 to "
-                    f"{MAX_SHIFT}, e.g. shift:2"
-                )
-            ops.append(Op("shift", amount))
-        else:
-            raise UsageError(f"--augment {spec}: unknown operation {token!r}; {_OPS_HELP}")
-    return tuple(ops)
 
 
 def _mix(z: np.ndarray) -> np.ndarray:

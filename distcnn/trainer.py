@@ -27,6 +27,7 @@ import numpy as np
 
 from distcnn import checkpoint as ckpt
 from distcnn import data as datamod
+from distcnn.augment import Augment
 from distcnn.comm import Comm
 from distcnn.config import Config
 from distcnn.errors import UsageError
@@ -197,6 +198,9 @@ class Trainer:
         self.train = datamod.load_split(data_path, "train")
         self.val = self._validation_split(data_path)
         self.test = self._optional_split(data_path, "test")
+        # --augment: the training split's batches only, keyed by (seed, epoch, sample row)
+        augment = Augment(cfg.augment, cfg.seed, self.train.image_shape)
+        self.train.augment = augment if augment else None
         if cfg.batch_size < comm.size:
             raise UsageError(
                 f"--batch-size {cfg.batch_size} is smaller than the {comm.size} ranks; "
@@ -320,7 +324,7 @@ class Trainer:
             self._deterministic_grads(batch)
         else:
             lo, hi = shard_bounds(n, comm.size, comm.rank)
-            x = self.train.batch(batch[lo:hi], out=self.xbuf)
+            x = self.train.batch(batch[lo:hi], out=self.xbuf, epoch=self.state.epoch)
             labels = self.train.labels[batch[lo:hi]]
             loss, correct = model.loss_and_grad(x, labels, scale=1.0 / n)
             red[P], red[P + 1] = loss, correct
@@ -374,7 +378,7 @@ class Trainer:
         free = list(self.tree)
         for m in range(comm.rank * per_rank, (comm.rank + 1) * per_rank):
             lo, hi = shard_bounds(n, DET_SHARDS, m)
-            x = self.train.batch(batch[lo:hi], out=self.xbuf)
+            x = self.train.batch(batch[lo:hi], out=self.xbuf, epoch=self.state.epoch)
             loss, correct = self.model.loss_and_grad(x, self.train.labels[batch[lo:hi]], 1.0 / n)
             self.red[P], self.red[P + 1] = loss, correct
             buf = free.pop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,9 @@ class Split:
     num_classes: int
     mean: np.ndarray | None = None  # (C,) float32
     std: np.ndarray | None = None  # (C,) float32
+    # augment(pixels (B, C, H, W) stored dtype, edited in place; rows (B,); epoch): applied to
+    # the gathered stored pixels before normalisation (distcnn.augment.Augment). None: off.
+    augment: Callable[[np.ndarray, np.ndarray, int], None] | None = field(default=None, repr=False)
     _lut: np.ndarray = field(init=False, repr=False)  # (C*256,) float32, uint8 images only
     _lut_offset: np.ndarray = field(init=False, repr=False)  # (C, 1, 1) intp: c*256
     _scratch: dict = field(init=False, repr=False, default_factory=dict)
@@ -60,13 +64,14 @@ class Split:
             self._scratch[name] = buf
         return buf[:n]
 
-    def batch(self, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def batch(self, idx: np.ndarray, out: np.ndarray | None = None, epoch: int = 0) -> np.ndarray:
         """Normalised float32 inputs (len(idx), C, H, W) for the samples `idx` (B,) intp.
 
         uint8: x/255 then (x - mean)/std, by one gather from the lookup table; float32:
         (x - mean)/std, or as stored without mean/std. With `out` (B_max >= B, C, H, W) float32
         C-contiguous, the result is written into out[:B] and that view is returned; the scratch
-        buffers are reused, so repeated calls allocate nothing that grows with B. Not thread-safe.
+        buffers are reused, so repeated calls allocate nothing that grows with B. `epoch` keys
+        the augmentation (if any). Not thread-safe.
         """
         idx = np.asarray(idx)
         n = idx.shape[0]
@@ -91,6 +96,8 @@ class Split:
         if self.images.dtype == np.uint8:
             pixels = self._buffer("pixels", n, np.uint8)  # (B, C, H, W)
             np.take(self.images, idx, axis=0, out=pixels, mode="clip")
+            if self.augment is not None:
+                self.augment(pixels, idx, epoch)
             codes = self._buffer("codes", n, np.intp)  # (B, C, H, W): c*256 + pixel
             np.copyto(codes, pixels)  # widen in place (np.add would use a cast buffer)
             if channels > 1:  # NumPy may use its fixed-size (64 KiB) ufunc buffer here
@@ -98,6 +105,8 @@ class Split:
             np.take(self._lut, codes, out=dst, mode="clip")
         else:
             np.take(self.images, idx, axis=0, out=dst, mode="clip")
+            if self.augment is not None:
+                self.augment(dst, idx, epoch)
             if self.mean is not None:
                 dst -= self.mean.reshape(-1, 1, 1)  # views, no copy
                 dst /= self.std.reshape(-1, 1, 1)
