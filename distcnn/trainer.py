@@ -29,11 +29,12 @@ from distcnn import checkpoint as ckpt
 from distcnn import data as datamod
 from distcnn.augment import Augment
 from distcnn.comm import Comm
-from distcnn.config import Config
+from distcnn.config import Config, parse_betas
 from distcnn.errors import UsageError
 from distcnn.faults import fault_from_env, inject_fault
+from distcnn.layers import Pass
 from distcnn.model import REFERENCE_SPEC, Model
-from distcnn.optim import SGD, learning_rate
+from distcnn.optim import learning_rate, make_optimizer
 from distcnn.progress import Progress, fmt_metric, hms, profile_table
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
 
@@ -222,8 +223,16 @@ class Trainer:
         self.n_params = self.model.num_params
         # The reduce buffer: [gradient (P) | loss sum | correct | stop flag]; grads are a view.
         self.red = self.model.grad_buffer
-        self.opt = SGD(self.model.params, cfg.momentum, cfg.weight_decay)
-        self.velocity_views = self.model.views_of(self.opt.velocity)
+        self.opt = make_optimizer(
+            cfg.optimizer,
+            self.model.params,
+            cfg.momentum,
+            cfg.weight_decay,
+            parse_betas(cfg.betas),
+            cfg.eps,
+        )
+        # named views of each optimizer state buffer (velocity; or exp_avg, exp_avg_sq)
+        self.opt_views = {k: self.model.views_of(v) for k, v in self.opt.state.items()}
         self.state = TrainState()
         self.phases = Phases()
         self.preempt = Preemption()
@@ -287,22 +296,42 @@ class Trainer:
         if resume is None:
             self.model.init_params(self.cfg.seed)
             return
+        trained = (resume.config or {}).get("optimizer", "sgd")
+        if trained != self.cfg.optimizer:
+            raise UsageError(
+                f"checkpoint {path} was trained with --optimizer {trained}, not "
+                f"{self.cfg.optimizer}: its optimizer state does not carry over; resume with "
+                f"--optimizer {trained}"
+            )
         ckpt.check_fits(
             resume,
             self.model.param_shapes,
             self.model.num_classes,
             str(path),
             self.model.input_shape,
+            buffers=self.model.buffers,
+            optimizer_state=tuple(self.opt.state),
         )
+        saved = {"velocity": resume.velocity, **resume.optimizer_state}
         for name, view in self.model.param_views.items():
             view[...] = resume.params[name]
-            self.velocity_views[name][...] = resume.velocity[name]
+            for state, views in self.opt_views.items():
+                views[name][...] = saved[state][name]
+        for name, a in self.model.buffers.items():
+            a[...] = resume.buffers[name]
+        self.opt.steps = int(resume.extra.get("optimizer_steps", resume.step))
 
     def start(self) -> None:
         """MPI: rank 0's parameters and optimizer state become everyone's."""
         self.console.continue_log()
         self.comm.bcast(self.model.params, 0, "initial parameters")
-        self.comm.bcast(self.opt.velocity, 0, "optimizer state")
+        for name, buf in self.opt.state.items():
+            self.comm.bcast(buf, 0, f"optimizer state {name}")
+        small = {"optimizer_steps": self.opt.steps, "buffers": self.model.buffers}
+        small = self.comm.bcast_object(small, 0, "optimizer steps and batch norm statistics")
+        self.opt.steps = small["optimizer_steps"]
+        for name, a in self.model.buffers.items():
+            a[...] = small["buffers"][name]
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -326,7 +355,7 @@ class Trainer:
             lo, hi = shard_bounds(n, comm.size, comm.rank)
             x = self.train.batch(batch[lo:hi], out=self.xbuf, epoch=self.state.epoch)
             labels = self.train.labels[batch[lo:hi]]
-            loss, correct = model.loss_and_grad(x, labels, scale=1.0 / n)
+            loss, correct = model.loss_and_grad(x, labels, 1.0 / n, self._pass(batch[lo:hi]))
             red[P], red[P + 1] = loss, correct
             self._maybe_inject_nan(red)
             # MPI: the sum may land in a shared read-only array (Comm.allreduce_sum_view); it is
@@ -341,8 +370,10 @@ class Trainer:
         sec["data"] += (now - t) - fwd - bwd - (comm.comm_seconds - comm0)
         t = now
         grads = red[:P]
-        finite = bool(np.isfinite(red[: P + 2].sum()))
+        stats = red[model.stat_offset :]  # batch norm sums of the whole global batch
+        finite = bool(np.isfinite(red[: P + 2].sum()) and np.isfinite(stats.sum()))
         if finite:
+            model.update_running_stats(stats)
             scale = 1.0
             if cfg.clip_norm is not None:
                 norm = float(np.sqrt(np.dot(grads, grads)))
@@ -358,6 +389,11 @@ class Trainer:
             self.opt.step(grads, lr, scale)
         self.phases.add("optimizer", t)
         return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0), finite
+
+    def _pass(self, ids: np.ndarray) -> Pass:
+        """A training pass over the samples `ids` (global dataset indices) at this step: what
+        the dropout masks depend on, so they do not depend on the rank count."""
+        return Pass(True, self.cfg.seed, self.state.step, ids)
 
     def _maybe_inject_nan(self, buf: np.ndarray) -> None:
         """DISTCNN_FAULT=<rank>:<step>:nan: this rank's gradient turns NaN before the collective."""
@@ -379,7 +415,9 @@ class Trainer:
         for m in range(comm.rank * per_rank, (comm.rank + 1) * per_rank):
             lo, hi = shard_bounds(n, DET_SHARDS, m)
             x = self.train.batch(batch[lo:hi], out=self.xbuf, epoch=self.state.epoch)
-            loss, correct = self.model.loss_and_grad(x, self.train.labels[batch[lo:hi]], 1.0 / n)
+            loss, correct = self.model.loss_and_grad(
+                x, self.train.labels[batch[lo:hi]], 1.0 / n, self._pass(batch[lo:hi])
+            )
             self.red[P], self.red[P + 1] = loss, correct
             buf = free.pop()
             buf[...] = self.red
@@ -405,7 +443,7 @@ class Trainer:
     def checkpoint_state(self) -> ckpt.Checkpoint:
         return ckpt.Checkpoint(
             params={k: v.copy() for k, v in self.model.param_views.items()},
-            velocity={k: v.copy() for k, v in self.velocity_views.items()},
+            velocity={k: v.copy() for k, v in self.opt_views.get("velocity", {}).items()},
             step=self.state.step,
             epoch=self.state.epoch,
             offset=self.state.offset,
@@ -416,7 +454,13 @@ class Trainer:
             input_shape=self.model.input_shape,
             model=self.model.spec,
             config=self.cfg.as_dict(),
-            extra={"log_state": self.state.log_state()},
+            extra={"log_state": self.state.log_state(), "optimizer_steps": self.opt.steps},
+            optimizer_state={
+                state: {k: v.copy() for k, v in views.items()}
+                for state, views in self.opt_views.items()
+                if state != "velocity"
+            },
+            buffers={k: v.copy() for k, v in self.model.buffers.items()},
         )
 
     def save(self, best: bool = False) -> None:

@@ -274,4 +274,4 @@ def test_created_by_names_files_only(tmp_path, capsys):
     argv = ["build", "-o", out.resolve(), "--train", (deep / "t.npz").resolve(), "--source", "s x"]
     assert run(capsys, argv)[0] == 0
     made = dataset_summary(out)["attrs"]["created_by"]
-    assert made == "distcnn.data build -o d.h5 --train t.npz --source 's x'"
+    assert made == "distcnn.data build -o d.h5 --train t.npz --storage sample --source 's x'"

@@ -75,7 +75,9 @@ def assert_close(a: Path, b: Path) -> None:
 
 
 def records(log: Path) -> list[dict]:
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    """The log's records, without each attempt's rank table (a `ranks` record: not a metric)."""
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    return [r for r in recs if r["kind"] != "ranks"]
 
 
 def metrics(recs: list[dict], after: int) -> list[tuple]:

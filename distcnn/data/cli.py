@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from distcnn.data.build import LAYOUTS as STORAGE_LAYOUTS
 from distcnn.data.build import channel_stats, write_dataset
 from distcnn.data.checks import SPLITS, _check_label_range, _check_num_classes, _check_shapes
 from distcnn.data.dataset import dataset_summary, load_split
@@ -78,6 +79,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--normalize",
         action="store_true",
         help="store per-channel mean/std of the train split (uint8 scaled to [0,1])",
+    )
+    build.add_argument(
+        "--storage",
+        default="sample",
+        choices=STORAGE_LAYOUTS,
+        help="how the file stores images: sample (default): contiguous, uncompressed: fast "
+        "random sample reads, for --data-mode stream; compact: gzip in ~1 MiB chunks, "
+        "smaller, slow to read at random",
     )
     build.add_argument("--source", default="", help="where the data comes from (stored)")
     build.add_argument("--license", default="", help="license of the data (stored)")
@@ -150,7 +159,7 @@ def _created_by(args: argparse.Namespace) -> str:
     for name in SPLITS:
         if getattr(args, name) is not None:
             words += [f"--{name}", describe_source(getattr(args, name))]
-    for flag in ("num_classes", "shape", "layout", "source", "license"):
+    for flag in ("num_classes", "shape", "layout", "storage", "source", "license"):
         value = getattr(args, flag)
         if value not in (None, ""):
             words += ["--" + flag.replace("_", "-"), str(value)]
@@ -198,7 +207,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 f"the train images have a constant channel (std {std.tolist()}): drop --normalize"
             )
         attrs["mean"], attrs["std"] = mean, std
-    write_dataset(args.output, splits, num_classes, attrs)
+    write_dataset(args.output, splits, num_classes, attrs, layout=args.storage)
     parts = [f"{n} {len(lab)} x {im.shape[1:]} {im.dtype}" for n, (im, lab) in splits.items()]
     size = Path(args.output).stat().st_size
     for note in notes:
