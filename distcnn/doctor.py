@@ -6,8 +6,8 @@ Every rank reports what it sees; rank 0 prints one table and a verdict:
   NumPy, mpi4py), whether its --data is readable and its fingerprint;
 - the node layout (ranks per host) and the gradient allreduce path training will take (the
   same decision the trainer makes, start-up measurement included);
-- rank 0: whether --checkpoint-dir is writable (or creatable) and its free space; nothing is
-  created or written there;
+- rank 0: whether --checkpoint-dir is writable (or creatable) and its free space, proved with
+  a probe file removed at once (in the nearest existing parent when the directory is missing);
 - the measured allreduce of 8 bytes (latency) and of the gradient (time, bandwidth);
 - a scaling prediction (distcnn.scaling; `--no-scaling` skips it): alpha/beta fitted to
   allreduces of several sizes, the compute time per step measured with every rank computing at
@@ -17,7 +17,7 @@ Every rank reports what it sees; rank 0 prints one table and a verdict:
 Exit code: 0 when the verdict is OK; 1 when a rank disagrees with rank 0 (config, model,
 dataset contents, versions) or a check failed (unreadable dataset, unwritable checkpoint dir),
 each reason on its own `problem:` line and the last line `verdict: ...`; 2 for bad flags. It does
-not train, and writes no file.
+not train and leaves no file behind.
 """
 
 from __future__ import annotations
@@ -82,16 +82,26 @@ def _median_seconds(run: Any, repeats: int) -> float:
 
 
 def measure_compute(model: Any, train: Any, batch: int, comm: Any, repeats: int = 3) -> float:
-    """MPI: median seconds of forward + backward on `batch` samples, every rank at once (so
-    ranks sharing cores are measured as training runs them); the slowest rank's."""
+    """MPI: median seconds of one step's local work on `batch` samples (building the batch,
+    forward + backward, the SGD update), every rank at once (so ranks sharing cores are measured
+    as training runs them); the slowest rank's."""
     import numpy as np
 
+    from distcnn.optim import SGD
+
+    opt = SGD(model.params, 0.9, 0.0)
     idx = np.arange(batch) % len(train)
-    x = train.batch(idx, out=np.empty((batch, *train.image_shape), dtype=np.float32))
+    xbuf = np.empty((batch, *train.image_shape), dtype=np.float32)
     labels = train.labels[idx]
-    model.loss_and_grad(x, labels, scale=1.0 / batch)  # warm-up
+
+    def step() -> None:
+        x = train.batch(idx, out=xbuf)
+        model.loss_and_grad(x, labels, scale=1.0 / batch)
+        opt.step(model.grads, 1e-9, 1.0)
+
+    step()  # warm-up
     comm.guard("doctor compute")
-    med = _median_seconds(lambda: model.loss_and_grad(x, labels, scale=1.0 / batch), repeats)
+    med = _median_seconds(step, repeats)
     return float(max(comm.gather_objects(med, "doctor compute timing")))
 
 
@@ -100,7 +110,12 @@ def _short_mpi(lib: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mpi4py import MPI
+    try:  # mpi4py's MPI, or a one-process stand-in when no MPI library is installed
+        from distcnn.mpienv import MPI
+    except UsageError as e:  # several ranks launched, no MPI library: what to install
+        if getattr(e, "rank", 0) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
 
     from distcnn import agree, config
 
@@ -115,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             flags = config.parse_flags(argv)
     except UsageError as e:
         err = str(e)
-    err = agree.early_settle(world, err, config.DEFAULTS["collective_timeout"])
+    err, _ = agree.early_settle(world, err, config.DEFAULTS["collective_timeout"])
     if err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
@@ -282,8 +297,9 @@ def _scaling(comm: Any, cfg: Any) -> None:
             + ", ".join(f"{_bytes(s)} {t * 1e3:.3f} ms" for s, t in zip(SIZES, times, strict=True))
         )
     print(
-        "  compute per step (forward + backward, every rank at once): "
+        "  compute per step (every rank at once): "
         + ", ".join(f"batch {b}: {t * 1e3:.2f} ms" for b, t in compute.items())
+        + " (batch, forward + backward, SGD update)"
     )
     if fit is not None and comm.size > 1:
         here = scaling.predict(fit, compute, grad_bytes, [comm.size])

@@ -31,7 +31,10 @@ def _error(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mpi4py import MPI
+    try:  # mpi4py's MPI, or a one-process stand-in when no MPI library is installed
+        from distcnn.mpienv import MPI
+    except UsageError as e:  # several ranks launched, no MPI library: what to install
+        return _error(str(e)) if getattr(e, "rank", 0) == 0 else 2
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
@@ -49,24 +52,21 @@ def main(argv: list[str] | None = None) -> int:
         raise
     from distcnn import agree
 
-    # MPI: a flag refused on some ranks only (MPMD launches, another command line per host)
-    # must not leave the others waiting in the next collective
-    err = agree.early_settle(world, err, config.DEFAULTS["collective_timeout"])
-    if err:
-        return _error(err) if rank == 0 else 2
-
     # Rank 0 reads --config (bounded: a regular file of at most 1 MiB, so it cannot hang) and
     # every rank gets its settings; the thread count they name must be known before NumPy loads.
-    early: dict[str, Any] = {}
-    if rank == 0:
+    toml: dict[str, Any] = {}
+    if err is None and rank == 0 and flags.get("config"):
         try:
-            early = {"toml": config.read_toml(flags["config"]) if flags.get("config") else {}}
+            toml = config.read_toml(flags["config"])
         except UsageError as e:
-            early = {"error": str(e)}
-    early = world.bcast(early, root=0)  # MPI: pickled dict, before NumPy and the watchdog
-    if early.get("error"):
-        return _error(early["error"]) if rank == 0 else 2
-    toml = early["toml"]
+            err = str(e)
+    # MPI: point to point with a deadline, carrying rank 0's --config settings: a flag refused
+    # on some ranks only (MPMD launches, another command line per host) or a rank that never
+    # gets here cannot leave the others waiting in a collective
+    wait = flags.get("collective_timeout") or config.DEFAULTS["collective_timeout"]
+    err, toml = agree.early_settle(world, err, wait, toml)
+    if err:
+        return _error(err) if rank == 0 else 2
 
     from distcnn import threads
 
@@ -147,9 +147,15 @@ def _run(
         print("\n".join(rank_table), flush=True)
     try:
         if cfg.dry_run:
+            dry_err = None
             if comm.rank == 0:
-                _dry_run(cfg, n_threads, thread_source, comm.size)
-            return 0
+                try:
+                    _dry_run(cfg, n_threads, thread_source, comm.size)
+                except UsageError as e:
+                    dry_err = str(e)
+            # MPI: every rank learns rank 0's outcome (no rank left waiting in a collective)
+            dry_err = comm.bcast_object(dry_err, 0, "dry run")
+            return (_error(dry_err) if comm.rank == 0 else 2) if dry_err else 0
         from distcnn.trainer import Trainer
 
         resume = None
@@ -254,7 +260,11 @@ def _dry_run(cfg: Config, n_threads: int, thread_source: str, ranks: int) -> Non
     train = datamod.load_split(path, "train")
     with h5py.File(path, "r") as f:
         splits = {k: f[k]["labels"].shape[0] for k in f if isinstance(f[k], h5py.Group)}
-    model = Model(cfg.model or REFERENCE_SPEC, train.image_shape, train.num_classes)
+    from distcnn.safefile import check_model_memory
+
+    spec = cfg.model or REFERENCE_SPEC
+    check_model_memory(spec, train.image_shape, train.num_classes, -(-cfg.batch_size // ranks))
+    model = Model(spec, train.image_shape, train.num_classes)
     print("config: " + json.dumps(cfg.as_dict(), sort_keys=True))
     print(f"ranks: {ranks}, threads per rank: {n_threads} (from {thread_source})")
     print(f"data: {path} {splits}, image {train.image_shape}, {train.num_classes} classes")

@@ -36,6 +36,8 @@ from distcnn.layers import Pass
 from distcnn.model import REFERENCE_SPEC, Model
 from distcnn.optim import learning_rate, make_optimizer
 from distcnn.progress import Progress, fmt_metric, hms, profile_table
+from distcnn.restore import inference_info
+from distcnn.safefile import check_model_memory
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
 
 EXTRA = 3  # slots after the gradient in the reduce buffer: loss sum, correct, stop flag
@@ -197,6 +199,14 @@ class Trainer:
             self.console.warn(w)
         data_path = cfg.data or str(datamod.DEFAULT_DATASET)
         self.train = datamod.load_split(data_path, "train")
+        # what predict/evaluate need without the dataset (distcnn.restore.inference_info)
+        self.inference = inference_info(
+            self.train.images.dtype,
+            self.train.mean,
+            self.train.std,
+            self.train.image_shape,
+            self.train.num_classes,
+        )
         self.val = self._validation_split(data_path)
         self.test = self._optional_split(data_path, "test")
         # --augment: the training split's batches only, keyed by (seed, epoch, sample row)
@@ -212,6 +222,13 @@ class Trainer:
                 f"--deterministic needs a number of ranks that divides {DET_SHARDS}, got "
                 f"{comm.size}; run on 1, 2, 4 or 8 ranks"
             )
+        # the bytes the model and this rank's batch imply, before any of it is allocated
+        check_model_memory(
+            cfg.model or REFERENCE_SPEC,
+            self.train.image_shape,
+            self.train.num_classes,
+            -(-cfg.batch_size // (DET_SHARDS if cfg.deterministic else comm.size)),
+        )
         self.model = Model(
             cfg.model or REFERENCE_SPEC,
             self.train.image_shape,
@@ -461,6 +478,7 @@ class Trainer:
                 if state != "velocity"
             },
             buffers={k: v.copy() for k, v in self.model.buffers.items()},
+            inference=self.inference,
         )
 
     def save(self, best: bool = False) -> None:
