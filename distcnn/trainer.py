@@ -26,6 +26,7 @@ import numpy as np
 
 from distcnn import checkpoint as ckpt
 from distcnn import data as datamod
+from distcnn.augment import Augment
 from distcnn.comm import Comm
 from distcnn.compress import CompressedAllreduce
 from distcnn.config import Config, parse_betas
@@ -235,6 +236,9 @@ class Trainer:
             self.train.image_shape,
             self.train.num_classes,
         )
+        # --augment: the training split's batches only, keyed by (seed, epoch, sample row)
+        augment = Augment(cfg.augment, cfg.seed, self.train.image_shape)
+        self.train.augment = augment if augment else None
         # the bytes the model and this rank's batch imply, before any of it is allocated
         check_model_memory(
             cfg.model or REFERENCE_SPEC,
@@ -488,9 +492,8 @@ class Trainer:
 
         def work(j: int) -> Any:
             lo, hi = shard_bounds(len(mb), DET_SHARDS, self.comm.rank * per_rank + j)
-            x = self.train.batch(
-                mb[lo:hi], out=self.lane_x[j], epoch=self.state.epoch
-            )  # not in a lane
+            # here, not in the lane
+            x = self.train.batch(mb[lo:hi], out=self.lane_x[j], epoch=self.state.epoch)
             labels, ctx = self.train.labels[mb[lo:hi]], self._pass(mb[lo:hi])
 
             def run() -> None:
