@@ -13,14 +13,9 @@ Every place that talks to other ranks is marked `# MPI:`.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,18 +26,18 @@ from distcnn.comm import Comm
 from distcnn.config import Config
 from distcnn.errors import UsageError
 from distcnn.faults import fault_from_env, inject_fault
+from distcnn.metrics import Console, LogWindow, Metrics, Phases
 from distcnn.model import REFERENCE_SPEC, Model
 from distcnn.optim import SGD, learning_rate
 from distcnn.progress import Progress, fmt_metric, hms, profile_table
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
+from distcnn.saver import SaveFailed, Saver
+from distcnn.signals import Preemption
+
+__all__ = ["Console", "SaveFailed", "TrainState", "Trainer", "evaluate_split"]
 
 EXTRA = 3  # slots after the gradient in the reduce buffer: loss sum, correct, stop flag
 DET_SHARDS = 8  # --deterministic: micro-shards per global batch (a multiple of 4)
-# Phases of the run timed on rank 0 (every rank times its own; rank 0's go to the log and to
-# --profile). "data" is building this rank's batch (and, with --deterministic, adding the
-# micro-shard sums); "comm" the step's collective, waiting for slower ranks included.
-PHASES = ("data", "forward", "backward", "comm", "optimizer", "checkpoint", "eval")
-STEP_PHASES = PHASES[:-1]  # eval happens between steps
 
 
 @dataclass
@@ -53,104 +48,7 @@ class TrainState:
     epoch: int = 0  # current epoch (0-based)
     offset: int = 0  # samples of this epoch's global order already used
     best_val: float = -1.0  # best validation accuracy so far (-1: none yet)
-    # The metrics being averaged for the log, saved so that a resumed run logs exactly what an
-    # uninterrupted one does: the step window (steps since the last multiple of --log-every,
-    # sums over its finite steps) and the epoch's (loss * images, correct, images).
-    window_start: int = 0  # the step the current window follows
-    loss_sum: float = 0.0
-    acc_sum: float = 0.0
-    window: int = 0  # finite steps in the window
-    epoch_sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
-
-    def log_state(self) -> dict[str, Any]:
-        return {
-            "window": [self.window_start, self.loss_sum, self.acc_sum, self.window],
-            "epoch_sums": [float(x) for x in self.epoch_sums],
-        }
-
-    def restore_log_state(self, saved: dict[str, Any]) -> None:
-        """From a checkpoint's extra["log_state"]; without one the windows start afresh."""
-        if not saved:
-            self.window_start = self.step
-            return
-        ws, ls, acs, w = saved["window"]
-        self.window_start, self.loss_sum, self.acc_sum, self.window = int(ws), ls, acs, int(w)
-        self.epoch_sums = np.array(saved["epoch_sums"], dtype=np.float64)
-
-
-class SaveFailed(RuntimeError):
-    """A checkpoint could not be written; raised on every rank (the outcome is broadcast)."""
-
-
-@dataclass
-class Phases:
-    """Wall time per phase of the run, for the log and --profile."""
-
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-
-    def add(self, phase: str, t0: float) -> float:
-        now = time.perf_counter()
-        self.seconds[phase] += now - t0
-        return now
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the ranks agree on it at the next step's collective."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-
-class Console:
-    """Rank 0's printing and metrics log; silent on other ranks."""
-
-    def __init__(self, comm: Comm, log_path: str | None, resumed_step: int | None) -> None:
-        self.on = comm.rank == 0
-        self.log_path = log_path
-        self.resumed_step = resumed_step
-
-    def continue_log(self) -> None:
-        """Once setup has succeeded (a refused resume leaves the log alone): drop the records
-        past the step resumed from."""
-        path, step = self.log_path, self.resumed_step
-        if self.on and path and step is not None and Path(path).exists():
-            self._truncate_log(Path(path), step)
-
-    @staticmethod
-    def _truncate_log(path: Path, step: int) -> None:
-        """Drop records past the resumed step, so they are not repeated (atomic rewrite)."""
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, path)
-
-    def print(self, *args: Any) -> None:
-        if self.on:
-            print(*args, flush=True)
-
-    def warn(self, msg: str) -> None:
-        if self.on:
-            print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-    def record(self, rec: dict[str, Any]) -> None:
-        if self.on and self.log_path:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    log: LogWindow = field(default_factory=LogWindow)  # what the next records average
 
 
 def evaluate_split(
@@ -224,13 +122,23 @@ class Trainer:
         self.phases = Phases()
         self.preempt = Preemption()
         self.preempt.install()  # early, so a signal during setup is not fatal either
-        self.saved_step = -1  # step of the last ckpt-<step>.h5 written by this run
         self.fault = fault_from_env(comm.rank)
+        self.bad_in_row = 0  # non-finite steps in a row
         self.steps_per_epoch = steps_per_epoch(len(self.train), cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.schedule_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = int(cfg.warmup_epochs * self.steps_per_epoch)
+        self.saver = Saver(
+            comm,
+            cfg.checkpoint_dir,
+            cfg.checkpoint_every,
+            cfg.keep,
+            self.phases,
+            self.checkpoint_state,
+            self._replica_check,
+        )
         shard = -(-cfg.batch_size // (DET_SHARDS if cfg.deterministic else comm.size))
         self.xbuf = np.empty((shard, *self.train.image_shape), dtype=np.float32)
         if cfg.deterministic:
@@ -238,6 +146,9 @@ class Trainer:
             self.tree = [np.zeros_like(self.red) for _ in range(levels)]
             self.gathered = np.zeros((comm.size, self.red.size), dtype=np.float32)
         self._init_or_resume(resume, resume_path)
+        self.metrics = Metrics(
+            self.state.log, self.phases, cfg.log_every, len(self.train), self.lr_at
+        )
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -276,8 +187,8 @@ class Trainer:
         """Fill parameters and state on rank 0 (from the seed or the checkpoint); no collective
         here, so a setup error on one rank cannot strand the others: see start()."""
         if resume is not None:
-            self.state = TrainState(resume.step, resume.epoch, resume.offset, resume.best_val)
-            self.state.restore_log_state(resume.extra.get("log_state"))
+            log = LogWindow.from_saved(resume.extra.get("log_state"), resume.step)
+            self.state = TrainState(resume.step, resume.epoch, resume.offset, resume.best_val, log)
         if self.comm.rank != 0:
             return
         if resume is None:
@@ -344,16 +255,14 @@ class Trainer:
                 norm = float(np.sqrt(np.dot(grads, grads)))
                 if norm > cfg.clip_norm:
                     scale = cfg.clip_norm / norm
-            lr = learning_rate(
-                cfg.lr_schedule,
-                cfg.lr,
-                self.state.step,
-                self.schedule_steps,
-                int(cfg.warmup_epochs * self.steps_per_epoch),
-            )
-            self.opt.step(grads, lr, scale)
+            self.opt.step(grads, self.lr_at(self.state.step), scale)
         self.phases.add("optimizer", t)
         return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0), finite
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the step after `step` steps done."""
+        cfg = self.cfg
+        return learning_rate(cfg.lr_schedule, cfg.lr, step, self.schedule_steps, self.warmup_steps)
 
     def _maybe_inject_nan(self, buf: np.ndarray) -> None:
         """DISTCNN_FAULT=<rank>:<step>:nan: this rank's gradient turns NaN before the collective."""
@@ -412,30 +321,12 @@ class Trainer:
             input_shape=self.model.input_shape,
             model=self.model.spec,
             config=self.cfg.as_dict(),
-            extra={"log_state": self.state.log_state()},
+            extra={"log_state": self.state.log.as_saved()},
         )
 
     def save(self, best: bool = False) -> None:
-        """Rank 0 writes ckpt-<step>.h5 (once per step) and, if best, best.h5; everyone learns
-        whether it worked, and a failed save raises SaveFailed on every rank."""
-        t = time.perf_counter()
-        err = ""
-        if self.comm.rank == 0:
-            d = Path(self.cfg.checkpoint_dir)
-            try:
-                state = self.checkpoint_state()
-                if self.saved_step != self.state.step:
-                    ckpt.save(d / ckpt.file_name(self.state.step), state)
-                    self.saved_step = self.state.step
-                    ckpt.prune(d, self.cfg.keep)
-                if best:
-                    ckpt.save(d / "best.h5", state)
-            except Exception as e:  # disk full, directory gone, h5py errors: all end the job
-                err = f"saving the checkpoint of step {self.state.step} in {d} failed: {e}"
-        err = self.comm.bcast_object(err, 0, "checkpoint outcome")  # MPI: same branch everywhere
-        self.phases.add("checkpoint", t)
-        if err:
-            raise SaveFailed(err + "; the previous checkpoint is intact")
+        """MPI: save now (ckpt-<step>.h5 once per step, best.h5 if best); see Saver.save."""
+        self.saver.save(self.state.step, best)
 
     def run(self) -> int:
         """Train to the step limit; the exit code (0 done or preempted, 1 too many bad steps)."""
@@ -448,121 +339,100 @@ class Trainer:
         return code
 
     def _train(self) -> int:
-        cfg, comm, st, con = self.cfg, self.comm, self.state, self.console
-        n_train = len(self.train)
-        con.print(
-            f"distcnn: {comm.size} rank(s), model {self.model.spec} ({self.n_params:,} params), "
-            f"{n_train} train images {self.train.image_shape}, global batch {cfg.batch_size}, "
-            f"{self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
-        )
-        if comm.size > 1:
-            con.print(f"gradient allreduce: {comm.allreduce_path}")
+        st, n_train = self.state, len(self.train)
+        self._announce()
         if st.step >= self.total_steps:
-            con.print(f"already at step {st.step} of {self.total_steps}: nothing to do")
+            self.console.print(f"already at step {st.step} of {self.total_steps}: nothing to do")
             return 0
-        order = epoch_order(cfg.seed, st.epoch, n_train)
-        prog = self.progress = Progress(con.on, self.total_steps, st.step, not cfg.no_progress)
-        t_log, imgs_since, t_epoch, imgs_epoch = time.perf_counter(), 0, time.perf_counter(), 0
-        epoch_sums = st.epoch_sums  # this epoch's loss * images, correct, images (finite steps)
-        mark_step, mark_phases = st.step, dict(self.phases.seconds)
-        bad_in_row = 0
+        self.progress = Progress(
+            self.console.on, self.total_steps, st.step, not self.cfg.no_progress
+        )
+        self.metrics.restart_clocks(st.step)
+        order = epoch_order(self.cfg.seed, st.epoch, n_train)
         stop = False
         while st.step < self.total_steps and not stop:
-            batch = order[st.offset : st.offset + cfg.batch_size]
-            if self.fault and self.fault[0] == st.step + 1 and self.fault[1] != "nan":
-                inject_fault(self.fault[1], st.step + 1, comm.rank)
+            batch = order[st.offset : st.offset + self.cfg.batch_size]
+            self._fault_before_step()
             loss, acc, stop, finite = self.step(batch)
             # A skipped step still counts (the step counter, the data position and the schedule
             # move on), so a bad batch is not retried forever and resuming stays exact.
-            st.step += 1
-            st.offset += len(batch)
-            imgs_since += len(batch)
-            imgs_epoch += len(batch)
-            if finite:
-                bad_in_row = 0
-                st.loss_sum += loss
-                st.acc_sum += acc
-                st.window += 1
-                epoch_sums += (loss * len(batch), acc * len(batch), len(batch))
-            else:
-                bad_in_row += 1
-                if self._non_finite_step(bad_in_row):
-                    prog.close()
-                    return 1
-            end_of_epoch = st.offset >= n_train
+            st.step, st.offset = st.step + 1, st.offset + len(batch)
+            self.metrics.add(loss, acc, len(batch), finite)
+            if self._too_many_bad_steps(finite):
+                self.progress.close()
+                return 1
             last = st.step >= self.total_steps or stop
-            rec = None
-            if st.step % cfg.log_every == 0 or last:
-                now = time.perf_counter()
-                steps = st.step - mark_step
-                rec = {
-                    "kind": "step",
-                    "time": time.time(),
-                    "step": st.step,
-                    "epoch": st.epoch + st.offset / n_train,
-                    "loss": st.loss_sum / st.window if st.window else None,
-                    "accuracy": st.acc_sum / st.window if st.window else None,
-                    "lr": learning_rate(
-                        cfg.lr_schedule,
-                        cfg.lr,
-                        st.step - 1,
-                        self.schedule_steps,
-                        int(cfg.warmup_epochs * self.steps_per_epoch),
-                    ),
-                    "images_per_sec": imgs_since / max(1e-9, now - t_log),
-                    # mean seconds per step in each phase since the previous record (rank 0)
-                    "phase_seconds": {
-                        k: (self.phases.seconds[k] - mark_phases[k]) / steps for k in STEP_PHASES
-                    },
-                }
-                if st.window < st.step - st.window_start:
-                    rec["skipped_steps"] = st.step - st.window_start - st.window
-                con.record(rec)
-                t_log, imgs_since = now, 0
-                mark_step, mark_phases = st.step, dict(self.phases.seconds)
-                if st.step % cfg.log_every == 0:  # windows end at multiples of --log-every
-                    st.window_start, st.loss_sum, st.acc_sum, st.window = st.step, 0.0, 0.0, 0
-            prog.update(st.step, rec)
-            if end_of_epoch:
-                st.epoch += 1
-                st.offset = 0
-                sums = epoch_sums.copy()
-                epoch_sums[:] = 0  # before _end_of_epoch, which may save (best.h5)
-                self._end_of_epoch(imgs_epoch, time.perf_counter() - t_epoch, sums)
-                t_epoch, imgs_epoch = time.perf_counter(), 0
-                order = epoch_order(cfg.seed, st.epoch, n_train)
-            if st.step % cfg.checkpoint_every == 0 and not last:
-                self._replica_check()
-                self.save()
-        prog.close()
-        self._replica_check()
-        self.save()
-        if stop:
-            where = (
-                f"{self.preempt.signal_name} on rank 0"
-                if self.preempt.requested
-                else "a signal on another rank"
-            )
-            con.print(
-                f"preempted ({where}): stopped at step {st.step}, checkpoint "
-                f"{ckpt.file_name(st.step)} saved; exiting 0"
-            )
+            self._log_step(last)
+            if st.offset >= n_train:
+                self._end_of_epoch()
+                order = epoch_order(self.cfg.seed, st.epoch, n_train)
+            if self.saver.due(st.step, last):
+                self.saver.checkpoint(st.step)  # MPI
+        self.progress.close()
+        self.saver.checkpoint(st.step)  # MPI: the final save
+        return self._report_preemption() if stop else self._final_test()
+
+    # -- the loop's named steps -------------------------------------------------------------
+
+    def _announce(self) -> None:
+        cfg, comm, con = self.cfg, self.comm, self.console
+        con.print(
+            f"distcnn: {comm.size} rank(s), model {self.model.spec} ({self.n_params:,} params), "
+            f"{len(self.train)} train images {self.train.image_shape}, global batch "
+            f"{cfg.batch_size}, {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
+        )
+        if comm.size > 1:
+            con.print(f"gradient allreduce: {comm.allreduce_path}")
+
+    def _fault_before_step(self) -> None:
+        """DISTCNN_FAULT (faults.py): raise, exit or hang on this rank before the step."""
+        if self.fault and self.fault[0] == self.state.step + 1 and self.fault[1] != "nan":
+            inject_fault(self.fault[1], self.state.step + 1, self.comm.rank)
+
+    def _too_many_bad_steps(self, finite: bool) -> bool:
+        if finite:
+            self.bad_in_row = 0
+            return False
+        self.bad_in_row += 1
+        return self._non_finite_step(self.bad_in_row)
+
+    def _log_step(self, last: bool) -> None:
+        """The step record (every --log-every steps and at the last) and the progress line."""
+        st = self.state
+        rec = self.metrics.step_record(st.step, st.epoch, st.offset, last)
+        if rec is not None:
+            self.console.record(rec)
+        self.progress.update(st.step, rec)
+
+    def _report_preemption(self) -> int:
+        where = (
+            f"{self.preempt.signal_name} on rank 0"
+            if self.preempt.requested
+            else "a signal on another rank"
+        )
+        self.console.print(
+            f"preempted ({where}): stopped at step {self.state.step}, checkpoint "
+            f"{ckpt.file_name(self.state.step)} saved; exiting 0"
+        )
+        return 0
+
+    def _final_test(self) -> int:
+        if self.test is None:
             return 0
-        if self.test is not None:
-            m = self._evaluate(self.test)
-            con.print(
-                f"test: loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f} ({m['samples']} images)"
-            )
-            con.record(
-                {
-                    "kind": "test",
-                    "time": time.time(),
-                    "step": st.step,
-                    "epoch": st.epoch,
-                    "loss": m["loss"],
-                    "accuracy": m["accuracy"],
-                }
-            )
+        st, m = self.state, self._evaluate(self.test)
+        self.console.print(
+            f"test: loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f} ({m['samples']} images)"
+        )
+        self.console.record(
+            {
+                "kind": "test",
+                "time": time.time(),
+                "step": st.step,
+                "epoch": st.epoch,
+                "loss": m["loss"],
+                "accuracy": m["accuracy"],
+            }
+        )
         return 0
 
     def _non_finite_step(self, in_row: int) -> bool:
@@ -596,21 +466,13 @@ class Trainer:
         self.phases.add("eval", t)
         return m
 
-    def _end_of_epoch(self, images: int, seconds: float, sums: np.ndarray) -> None:
+    def _end_of_epoch(self) -> None:
         """The epoch's one summary line and epoch record; validation and best.h5 if there is a
-        validation split. sums: (loss * images, correct, images) over the epoch's finite steps
-        (restored from the checkpoint when the run resumed mid-epoch)."""
+        validation split. The epoch's sums are restored from the checkpoint when the run
+        resumed mid-epoch, so the record is the one an uninterrupted run writes."""
         cfg, st, prog = self.cfg, self.state, self.progress
-        n = sums[2]
-        rec: dict[str, Any] = {
-            "kind": "epoch",
-            "time": time.time(),
-            "step": st.step,
-            "epoch": st.epoch,
-            "loss": sums[0] / n if n else None,
-            "accuracy": sums[1] / n if n else None,
-            "images_per_sec": images / max(seconds, 1e-9),
-        }
+        st.epoch, st.offset = st.epoch + 1, 0
+        rec = self.metrics.epoch_record(st.step, st.epoch)
         line = f"epoch {st.epoch}/{cfg.epochs}  step {st.step}/{self.total_steps}  "
         line += f"train loss {fmt_metric(rec['loss'])} acc {fmt_metric(rec['accuracy'])}  "
         if self.val is not None:
@@ -627,6 +489,7 @@ class Trainer:
             line + f"{rec['images_per_sec']:.0f} img/s  elapsed {hms(rec['elapsed'])}  "
             f"eta {hms(rec['eta'])}"
         )
+        self.metrics.new_epoch()
 
     def profile_report(self, steps: int) -> str:
         """The --profile table of this rank's phases and per-layer times over `steps` steps."""
