@@ -19,6 +19,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from distcnn import signals
 from distcnn.errors import UsageError
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ def _error(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First thing, before MPI starts and NumPy loads: SIGTERM/SIGUSR1/SIGINT only set a flag
+    # from here on, which the ranks agree on at the next setup check or step (signals.py).
+    # The handlers stay until the process exits, so a signal after the run cannot kill it.
+    signals.STOP.clear()
+    signals.STOP.install()
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -81,12 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     return run_or_abort(lambda: _run(flags, toml, comm, n_threads, source), comm)
 
 
-def _agree(comm: Any, err: str | None) -> str | None:
-    """Every rank learns the first error any rank hit (setup errors are usage errors)."""
-    errors = comm.gather_objects(err, "setup check")  # MPI
+def _agree(comm: Any, err: str | None) -> int | None:
+    """MPI: every rank learns the first error any rank hit during setup (a usage error: exit
+    2) or a stop signal any rank got (exit 0, or 130 for SIGINT: nothing trained yet, so
+    nothing to save); None when setup goes on. Rank 0 prints the one line."""
+    stop = signals.STOP
+    got = comm.gather_objects((err, stop.requested, stop.interrupted), "setup check")  # MPI
+    errors = [e for e, _, _ in got]
     for r, e in enumerate(errors):
         if e:
-            return e if r == 0 or all(x == e for x in errors if x) else f"[rank {r}] {e}"
+            msg = e if r == 0 or all(x == e for x in errors if x) else f"[rank {r}] {e}"
+            return _error(msg) if comm.rank == 0 else 2
+    if any(requested for _, requested, _ in got):
+        interrupted = any(i for _, _, i in got)
+        what, code = ("interrupted", 130) if interrupted else ("preempted", 0)
+        if comm.rank == 0:
+            print(
+                f"{what} ({signals.describe(stop, interrupted)}) during start-up, before any "
+                f"step: nothing to save; exiting {code}",
+                flush=True,
+            )
+        return code
     return None
 
 
@@ -139,9 +160,9 @@ def _run(
             _check_checkpoint_dir(cfg.checkpoint_dir)
     except UsageError as e:
         err = str(e)
-    err = _agree(comm, err)  # MPI: before the Trainer, whose construction is collective
-    if err:
-        return _error(err) if comm.rank == 0 else 2
+    code = _agree(comm, err)  # MPI: before the Trainer, whose construction is collective
+    if code is not None:
+        return code
     try:
         trainer = Trainer(cfg, comm, warnings, resume, decision.get("path"))
         if comm.rank == 0:
@@ -149,9 +170,9 @@ def _run(
                 trainer.console.warn(f"removed {p}, left by an interrupted save")
     except UsageError as e:
         err = str(e)
-    err = _agree(comm, err)
-    if err:
-        return _error(err) if comm.rank == 0 else 2
+    code = _agree(comm, err)  # MPI: a signal after this point stops the first step
+    if code is not None:
+        return code
     assert trainer is not None
     from distcnn.trainer import SaveFailed
 

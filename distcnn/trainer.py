@@ -22,6 +22,7 @@ import numpy as np
 
 from distcnn import checkpoint as ckpt
 from distcnn import data as datamod
+from distcnn import signals
 from distcnn.comm import Comm
 from distcnn.config import Config
 from distcnn.errors import UsageError
@@ -32,11 +33,12 @@ from distcnn.optim import SGD, learning_rate
 from distcnn.progress import Progress, fmt_metric, hms, profile_table
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
 from distcnn.saver import SaveFailed, Saver
-from distcnn.signals import Preemption
 
 __all__ = ["Console", "SaveFailed", "TrainState", "Trainer", "evaluate_split"]
 
-EXTRA = 3  # slots after the gradient in the reduce buffer: loss sum, correct, stop flag
+# Slots after the gradient in the reduce buffer: loss sum, correct, stop flag (a signal reached
+# a rank), interrupt flag (that signal was SIGINT).
+EXTRA = 4
 DET_SHARDS = 8  # --deterministic: micro-shards per global batch (a multiple of 4)
 
 
@@ -120,8 +122,8 @@ class Trainer:
         self.velocity_views = self.model.views_of(self.opt.velocity)
         self.state = TrainState()
         self.phases = Phases()
-        self.preempt = Preemption()
-        self.preempt.install()  # early, so a signal during setup is not fatal either
+        self.stop_request = signals.STOP  # train.main installs its handlers first thing
+        self.interrupted = False  # the agreed stop came from SIGINT on some rank
         self.fault = fault_from_env(comm.rank)
         self.bad_in_row = 0  # non-finite steps in a row
         self.steps_per_epoch = steps_per_epoch(len(self.train), cfg.batch_size)
@@ -216,7 +218,8 @@ class Trainer:
     def step(self, batch: np.ndarray) -> tuple[float, float, bool, bool]:
         """One optimizer step on the global batch (indices into train).
 
-        Returns (global mean loss, accuracy, stop: a rank got a preemption signal, finite).
+        Returns (global mean loss, accuracy, stop: a rank got a signal, finite); when stop,
+        self.interrupted says whether a rank's signal was SIGINT.
         finite is False when the summed loss or gradient holds a NaN or Inf: a non-finite value
         on any rank poisons the sum every rank receives, so every rank sees it, skips the update
         (parameters and velocity unchanged) and returns False — the same decision everywhere
@@ -226,7 +229,8 @@ class Trainer:
         n = len(batch)
         t = time.perf_counter()
         fwd0, bwd0, comm0 = model.seconds["forward"], model.seconds["backward"], comm.comm_seconds
-        red[P + 2] = 1.0 if self.preempt.requested else 0.0
+        red[P + 2] = 1.0 if self.stop_request.requested else 0.0
+        red[P + 3] = 1.0 if self.stop_request.interrupted else 0.0
         if cfg.deterministic:
             self._deterministic_grads(batch)
         else:
@@ -257,6 +261,7 @@ class Trainer:
                     scale = cfg.clip_norm / norm
             self.opt.step(grads, self.lr_at(self.state.step), scale)
         self.phases.add("optimizer", t)
+        self.interrupted = bool(red[P + 3] > 0)
         return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0), finite
 
     def lr_at(self, step: int) -> float:
@@ -296,14 +301,14 @@ class Trainer:
                 buf, level = left, level + 1
             stack.append((level, buf))
         ((_, mine),) = stack
-        mine[P + 2] = self.red[P + 2]  # this rank's stop flag
+        mine[P + 2 : P + 4] = self.red[P + 2 : P + 4]  # this rank's stop and interrupt flags
         self._maybe_inject_nan(mine)
         comm.allgather(mine, self.gathered, f"deterministic allgather, step {self.state.step + 1}")
         parts = list(self.gathered)
         while len(parts) > 1:
             parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
         self.red[...] = parts[0]
-        self.red[P + 2] = self.gathered[:, P + 2].sum()
+        self.red[P + 2 : P + 4] = self.gathered[:, P + 2 : P + 4].sum(axis=0)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -329,7 +334,8 @@ class Trainer:
         self.saver.save(self.state.step, best)
 
     def run(self) -> int:
-        """Train to the step limit; the exit code (0 done or preempted, 1 too many bad steps)."""
+        """Train to the step limit; the exit code (0 done or preempted, 130 interrupted by
+        SIGINT, 1 too many bad steps)."""
         if self.cfg.profile:
             self.model.profile_layers()
         first_step = self.state.step
@@ -370,7 +376,7 @@ class Trainer:
                 self.saver.checkpoint(st.step)  # MPI
         self.progress.close()
         self.saver.checkpoint(st.step)  # MPI: the final save
-        return self._report_preemption() if stop else self._final_test()
+        return self._report_stop() if stop else self._final_test()
 
     # -- the loop's named steps -------------------------------------------------------------
 
@@ -404,17 +410,16 @@ class Trainer:
             self.console.record(rec)
         self.progress.update(st.step, rec)
 
-    def _report_preemption(self) -> int:
-        where = (
-            f"{self.preempt.signal_name} on rank 0"
-            if self.preempt.requested
-            else "a signal on another rank"
-        )
+    def _report_stop(self) -> int:
+        """The one line after a signal stopped the run: 0 preempted, 130 interrupted."""
+        where = signals.describe(self.stop_request, self.interrupted)
+        what, code = ("interrupted", 130) if self.interrupted else ("preempted", 0)
+        path = self.saver.dir / ckpt.file_name(self.state.step)
         self.console.print(
-            f"preempted ({where}): stopped at step {self.state.step}, checkpoint "
-            f"{ckpt.file_name(self.state.step)} saved; exiting 0"
+            f"{what} ({where}): stopped at step {self.state.step}, checkpoint {path} saved; "
+            f"exiting {code}"
         )
-        return 0
+        return code
 
     def _final_test(self) -> int:
         if self.test is None:

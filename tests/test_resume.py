@@ -298,7 +298,7 @@ def test_preemption_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, t
         assert line[0].startswith(f"preempted ({who}): stopped at step "), line
         s = int(line[0].split("stopped at step ")[1].split(",")[0])
         assert 2 <= s < total
-        assert line[0].endswith(f"checkpoint {ckpt.file_name(s)} saved; exiting 0")
+        assert line[0].endswith(f"checkpoint {d / ckpt.file_name(s)} saved; exiting 0")
         assert ckpt.load(newest(d)).step == s  # saved (the replica check there passed too)
         assert [x for x in records(log) if x["kind"] == "step"][-1]["step"] == s
         assert max(x["step"] for x in records(log)) == s
