@@ -1,25 +1,45 @@
-"""Throughput benchmark: distcnn vs PyTorch on the reference model, side by side in one run.
+"""Throughput benchmark: distcnn against PyTorch at its best, side by side in one run.
 
-    python -m distcnn.bench               # a few minutes: everything below
-    python -m distcnn.bench --quick       # under a minute: one round, shorter windows
-    mpirun -n 2 python -m distcnn.bench --mpi   # just the multi-rank measurement, in place
+    python -m distcnn.bench               # several minutes: 3 interleaved rounds of everything
+    python -m distcnn.bench --quick       # under a minute: one round, short windows
+    python -m distcnn.bench --smoke       # seconds: checks the plumbing only
+    mpirun -n 2 python -m mpi4py -m distcnn.bench --mpi   # just the multi-rank measurement
 
-Every setting runs in a fresh process (`--worker`, one JSON line back), settings are interleaved
-over `--repeats` rounds and the medians are printed. A worker sets its BLAS threads before NumPy
-loads (distcnn.threads). A distcnn train step is the Trainer's: gather the batch from a uint8
-Split, loss_and_grad, one allreduce of [gradient | loss | correct | flag] through distcnn.comm,
-SGD with momentum and weight decay. PyTorch, when importable, runs the same network, batch and
-thread count in its own process with glibc allocator settings that spare it page faults
-(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_); distcnn workers run without them.
+What is compared (every setting in a fresh process that prints one `BENCH <json>` line; the
+rounds are interleaved, reversed every other round, and the report prints medians):
+- 1 process, 1 thread (`--threads`), batch 64 (`--batch`), for two models: the reference model
+  on 1x28x28 and a second model on 3x32x32 (SECOND_SPEC), at two instruction sets:
+  * native: no OPENBLAS_CORETYPE and no oneDNN/MKL/ATen/NumPy cap, whatever the parent
+    environment says, so each library picks its own kernels for this CPU;
+  * avx2: both sides capped to AVX2 (OPENBLAS_CORETYPE=Haswell and NumPy's AVX-512 dispatch
+    targets disabled, against ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2 and
+    ATEN_CPU_CAPABILITY=avx2).
+  Each side reports what it actually ran: OpenBLAS's kernel (threadpoolctl `architecture`) and
+  NumPy's SIMD targets; torch's ATen capability and oneDNN's ISA and convolution kernels (from
+  oneDNN's verbose output of one warm-up step).
+- PyTorch at its best: NCHW and channels_last (model and input) are both run and the faster
+  counts; evaluation under `torch.inference_mode()` in `eval()` mode; the glibc allocator
+  settings that spare it page faults (TORCH_ENV). distcnn runs without them.
+- 2 ranks x 1 thread (native ISA, reference model): distcnn under `mpirun -n 2` with its default
+  gradient sum, and with each sum forced (DISTCNN_ALLREDUCE=shm / mpi), against PyTorch DDP with
+  2 processes (gloo, 1 thread each, both layouts).
+A distcnn train step is the Trainer's: gather the batch from a uint8 Split, loss_and_grad, one
+allreduce of [gradient | loss | correct | flag] through distcnn.comm, SGD with momentum and
+weight decay. Each run writes its raw figures (machine, versions, ISA, load, every sample) to a
+JSON file (`--json`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import os
+import platform
+import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +53,37 @@ TORCH_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "42
 TABLE_BATCHES = (16, 32, 64, 128, 256, 512)
 TABLE_PIXELS = (28, 56, 112)
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+# the second model: a wider CIFAR-shaped network on 3x32x32 inputs
+SECOND_SPEC = "conv:32:3,relu,maxpool:2,conv:64:3,relu,maxpool:2,flatten,dense:256,relu,dense"
+MODELS = {
+    "ref": ("reference model", None, (1, 28, 28)),  # spec None: distcnn.model.REFERENCE_SPEC
+    "second": ("second model", SECOND_SPEC, (3, 32, 32)),
+}
+# every variable that selects kernels by instruction set, on either side
+ISA_VARS = (
+    "OPENBLAS_CORETYPE",
+    "NPY_DISABLE_CPU_FEATURES",
+    "NPY_ENABLE_CPU_FEATURES",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "MKL_DEBUG_CPU_TYPE",
+    "ATEN_CPU_CAPABILITY",
+)
+TORCH_AVX2 = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "DNNL_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
+ISAS = ("native", "avx2")
+
+
+def _rank() -> int:
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
 
 
 # -- measurements (run inside worker processes) ------------------------------------------------
@@ -54,24 +105,46 @@ def _memory_mib() -> tuple[float, float]:
     return fields.get("VmHWM", 0.0), fields.get("VmRSS", 0.0)
 
 
-def _timed_steps(step: Any, seconds: float, min_steps: int, comm: Any = None) -> tuple[int, float]:
-    """Run `step` until `seconds` have passed (at least min_steps); with a multi-rank comm the
-    count is decided on rank 0 from a calibration step and broadcast, so every rank makes the
-    same collectives. Returns (steps, wall seconds)."""
+def _timed_steps(
+    step: Any, seconds: float, min_steps: int, agree: Any = None
+) -> tuple[int, float, list[float]]:
+    """Run `step` until `seconds` have passed (at least min_steps). With several ranks,
+    `agree(n)` returns rank 0's count on every rank, so all make the same collectives.
+    Returns (steps, wall seconds, every step's milliseconds)."""
     t0 = time.perf_counter()
     step()
     one = time.perf_counter() - t0
     steps = max(min_steps, int(seconds / max(one, 1e-6)))
-    if comm is not None and comm.size > 1:
-        steps = comm.bcast_object(steps, 0, "bench step count")
+    if agree is not None:
+        steps = agree(steps)
+    samples = []
     t0 = time.perf_counter()
     for _ in range(steps):
+        t = time.perf_counter()
         step()
-    return steps, time.perf_counter() - t0
+        samples.append(round(1e3 * (time.perf_counter() - t), 4))
+    return steps, time.perf_counter() - t0, samples
+
+
+def _numpy_isa() -> dict[str, Any]:
+    """What NumPy and its BLAS run: OpenBLAS's kernel and NumPy's highest SIMD targets."""
+    import numpy as np
+    import threadpoolctl
+
+    info = [i for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+    blas = {k: info[0].get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+    simd: list[str] = []
+    try:
+        from numpy._core import _multiarray_umath as um  # NumPy 2
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        from numpy.core import _multiarray_umath as um
+    feats = getattr(um, "__cpu_features__", {})
+    simd = [d for d in getattr(um, "__cpu_dispatch__", []) if feats.get(d)]
+    return {"numpy": np.__version__, "blas": blas if info else None, "numpy_simd": simd}
 
 
 def measure_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Trainer-style train steps (and forward-only evaluation) of the reference model."""
+    """Trainer-style train steps (and forward-only evaluation) of cfg's model."""
     import numpy as np
 
     from distcnn.comm import Comm
@@ -81,22 +154,20 @@ def measure_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
     from distcnn.sampler import shard_bounds
 
     comm = Comm.world(timeout=600)
-    px, per_rank = cfg["px"], cfg["batch"]
+    shape, per_rank = tuple(cfg["shape"]), cfg["batch"]
     global_batch = per_rank * comm.size
     rng = np.random.default_rng(1234)
     n_data = max(4 * global_batch, 1024)
-    images = rng.integers(0, 256, size=(n_data, 1, px, px), dtype=np.uint8)  # (N, 1, px, px)
+    images = rng.integers(0, 256, size=(n_data, *shape), dtype=np.uint8)  # (N, C, H, W)
     labels = rng.integers(0, 10, size=n_data).astype(np.int64)
-    split = Split(
-        images, labels, 10, np.array([0.1307], np.float32), np.array([0.3081], np.float32)
-    )
-    model = Model(
-        REFERENCE_SPEC, (1, px, px), 10, np.float32, grad_extra=3, grad_alloc=comm.reduce_buffer
-    )
+    c = shape[0]
+    split = Split(images, labels, 10, np.full(c, 0.13, np.float32), np.full(c, 0.31, np.float32))
+    spec = cfg.get("spec") or REFERENCE_SPEC
+    model = Model(spec, shape, 10, np.float32, grad_extra=3, grad_alloc=comm.reduce_buffer)
     model.init_params(0)
     opt = SGD(model.params, 0.9, 5e-4)
     red, n_params = model.grad_buffer, model.num_params
-    xbuf = np.empty((per_rank, 1, px, px), dtype=np.float32)  # (B, C, H, W)
+    xbuf = np.empty((per_rank, *shape), dtype=np.float32)  # (B, C, H, W)
     order = rng.permutation(n_data)
     lo, hi = shard_bounds(global_batch, comm.size, comm.rank)
     timers = {"data": 0.0, "comm": 0.0}
@@ -120,13 +191,15 @@ def measure_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
         train_step()
     hwm_warm, rss_warm = _memory_mib()
     timers.update(data=0.0, comm=0.0)
-    steps, wall = _timed_steps(train_step, cfg["seconds"], cfg.get("min_steps", 3), comm)
+    agree = (lambda n: comm.bcast_object(n, 0, "bench step count")) if comm.size > 1 else None
+    steps, wall, samples = _timed_steps(train_step, cfg["seconds"], cfg.get("min_steps", 3), agree)
     # the calibration step is outside `wall`, so scale the phase timers to the timed steps
     share = steps / (steps + 1)
     hwm_end, rss_end = _memory_mib()
     out: dict[str, Any] = {
         "train_ips": steps * per_rank / wall,
         "step_ms": 1e3 * wall / steps,
+        "step_ms_samples": samples,
         "data_share": timers["data"] * share / wall,
         "comm_share": timers["comm"] * share / wall,
         "hwm_warm": hwm_warm,
@@ -142,60 +215,111 @@ def measure_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
             model.evaluate(xbuf, split.labels[:per_rank])
 
         eval_step()
-        e_steps, e_wall = _timed_steps(eval_step, cfg["seconds"] / 2, 3)
+        e_steps, e_wall, _ = _timed_steps(eval_step, cfg["seconds"] / 2, 3)
         out["eval_ips"] = e_steps * per_rank / e_wall
         out["hwm_eval"] = _memory_mib()[0]
     if comm.size > 1:
         ranks = comm.gather_objects(out, "bench results")
         out = {"ranks": ranks, "rank": comm.rank, "allreduce": comm.allreduce_path}
+        out["train_ips"] = sum(r["train_ips"] for r in ranks)
     if comm.rank == 0:
-        import threadpoolctl
+        from mpi4py import MPI
 
-        info = [i for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
-        out["blas"] = (
-            f"{info[0].get('internal_api')} {info[0].get('version')} "
-            f"{info[0].get('architecture')}, {info[0].get('num_threads')} thread(s)"
-            if info
-            else "unknown"
-        )
+        out["isa"] = _numpy_isa()
+        out["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
     return out
 
 
+def _torch_net(spec: str | None, shape: tuple[int, ...]) -> Any:
+    """The torch.nn.Sequential of distcnn's export for this spec (the same network)."""
+    import collections
+
+    import numpy as np
+    from torch import nn
+
+    from distcnn.export import torch_modules
+    from distcnn.model import REFERENCE_SPEC, Model
+
+    model = Model(spec or REFERENCE_SPEC, shape, 10, np.float32)
+    mods = [(name, eval(ctor, {"nn": nn})) for name, ctor in torch_modules(model)]  # noqa: S307
+    return nn.Sequential(collections.OrderedDict(mods))
+
+
 def measure_torch(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The same network, batch and threads in PyTorch: train steps (SGD) and evaluation."""
+    """The same network, batch and threads in PyTorch (cfg['layout']: nchw | channels_last):
+    train steps (SGD with momentum and weight decay) and inference-mode evaluation. With
+    WORLD_SIZE > 1 in the environment, it is one process of a DDP job (gloo)."""
     import torch
     from torch import nn
 
     torch.set_num_threads(cfg["threads"])
-    px, batch = cfg["px"], cfg["batch"]
+    shape, batch = tuple(cfg["shape"]), cfg["batch"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = _rank()
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * (px // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, 10),
-    )  # fmt: skip
+    net = _torch_net(cfg.get("spec"), shape)
+    fmt = torch.channels_last if cfg["layout"] == "channels_last" else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    x = torch.randn(batch, *shape).to(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+    train_net = net
+    agree = None
+    if world > 1:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        train_net = DistributedDataParallel(net)
+
+        def agree(n: int) -> int:
+            box = [n]
+            dist.broadcast_object_list(box, src=0)
+            return int(box[0])
+
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
-    x = torch.randn(batch, 1, px, px)
-    y = torch.randint(0, 10, (batch,))
 
     def train_step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(net(x), y).backward()
+        loss_fn(train_net(x), y).backward()
         opt.step()
 
     def eval_step() -> None:
-        with torch.no_grad():
+        with torch.inference_mode():
             net(x).argmax(1)
 
-    for _ in range(cfg.get("warmup", 2)):
+    net.train()
+    # one step with oneDNN's verbose output on: the driver reads the ISA and kernels from it
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
         train_step()
-    steps, wall = _timed_steps(train_step, cfg["seconds"], cfg.get("min_steps", 3))
-    out = {"train_ips": steps * batch / wall, "hwm_end": _memory_mib()[0]}
-    eval_step()
-    e_steps, e_wall = _timed_steps(eval_step, cfg["seconds"] / 2, 3)
-    out["eval_ips"] = e_steps * batch / e_wall
-    out["torch"] = torch.__version__
+    sys.stdout.flush()
+    for _ in range(cfg.get("warmup", 3)):
+        train_step()
+    steps, wall, samples = _timed_steps(train_step, cfg["seconds"], cfg.get("min_steps", 3), agree)
+    out: dict[str, Any] = {
+        "train_ips": steps * batch / wall,
+        "step_ms": 1e3 * wall / steps,
+        "step_ms_samples": samples,
+        "hwm_end": _memory_mib()[0],
+        "steps": steps,
+    }
+    if world > 1:
+        import torch.distributed as dist
+
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, out)
+        out = {"ranks": every, "train_ips": sum(r["train_ips"] for r in every)}
+        dist.destroy_process_group()
+    else:
+        net.eval()
+        eval_step()
+        e_steps, e_wall, _ = _timed_steps(eval_step, cfg["seconds"] / 2, 3)
+        out["eval_ips"] = e_steps * batch / e_wall
+    out["isa"] = {
+        "torch": torch.__version__,
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn_enabled": bool(torch.backends.mkldnn.is_available()),
+    }
     return out
 
 
@@ -209,8 +333,8 @@ def measure_gemm(cfg: dict[str, Any]) -> dict[str, Any]:
     b = rng.random((n, n), dtype=np.float32)
     c = np.empty((n, n), dtype=np.float32)
     np.matmul(a, b, out=c)
-    steps, wall = _timed_steps(lambda: np.matmul(a, b, out=c), cfg["seconds"], 3)
-    return {"gflops": 2 * n**3 * steps / wall / 1e9}
+    steps, wall, _ = _timed_steps(lambda: np.matmul(a, b, out=c), cfg["seconds"], 3)
+    return {"gflops": 2 * n**3 * steps / wall / 1e9, "isa": _numpy_isa()}
 
 
 MEASURES = {"distcnn": measure_distcnn, "torch": measure_torch, "gemm": measure_gemm}
@@ -219,8 +343,7 @@ MEASURES = {"distcnn": measure_distcnn, "torch": measure_torch, "gemm": measure_
 def worker(cfg: dict[str, Any]) -> None:
     """Entry point of one measurement process: prints `BENCH <json>` on rank 0."""
     out = MEASURES[cfg["kind"]](cfg)
-    rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-    if rank == 0:
+    if _rank() == 0:
         print("BENCH " + json.dumps(out), flush=True)
 
 
@@ -232,29 +355,102 @@ def _mpirun() -> str | None:
     return str(beside) if beside.exists() else shutil.which("mpirun")
 
 
-def run_setting(cfg: dict[str, Any], ranks: int = 1, timeout: float = 600) -> dict[str, Any]:
-    """One setting in a fresh process (or `ranks` processes under mpirun); {} if it failed."""
-    env = {k: v for k, v in os.environ.items() if k not in TORCH_ENV}
+def _npy_avx512_targets() -> str:
+    """NumPy's dispatch targets above AVX2 (disabled under the AVX2 cap)."""
+    try:
+        from numpy._core import _multiarray_umath as um
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        from numpy.core import _multiarray_umath as um
+    targets = getattr(um, "__cpu_dispatch__", [])
+    return " ".join(t for t in targets if "512" in t or t == "X86_V4")
+
+
+def isa_env(isa: str, kind: str) -> dict[str, str]:
+    """The ISA variables a worker gets (all others of ISA_VARS are removed)."""
+    if isa == "native":
+        return {}
+    if kind == "torch":
+        return dict(TORCH_AVX2)
+    env = {"OPENBLAS_CORETYPE": "Haswell"}
+    targets = _npy_avx512_targets()
+    if targets:
+        env["NPY_DISABLE_CPU_FEATURES"] = targets
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+_ONEDNN_ISA = re.compile(r"onednn_verbose,(?:v1,)?info,cpu,isa:(.*)")
+_ONEDNN_CONV = re.compile(r"onednn_verbose,(?:v1,)?primitive,exec,cpu,convolution,([^,]+),([^,]+)")
+
+
+def _onednn_info(stdout: str) -> dict[str, Any]:
+    isa, kernels = None, set()
+    for line in stdout.splitlines():
+        m = _ONEDNN_ISA.match(line)
+        if m:
+            isa = m.group(1).strip()
+        m = _ONEDNN_CONV.match(line)
+        if m:
+            kernels.add(f"{m.group(2)}:{m.group(1)}")
+    return {"onednn_isa": isa, "onednn_conv": sorted(kernels)}
+
+
+def run_setting(cfg: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    """One setting in a fresh process (or cfg['ranks'] processes: mpirun for distcnn, DDP
+    processes for torch); {} if it failed."""
+    ranks, kind = cfg.get("ranks", 1), cfg["kind"]
+    env = {k: v for k, v in os.environ.items() if k not in TORCH_ENV and k not in ISA_VARS}
     env["PYTHONPATH"] = PACKAGE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(cfg["threads"])
-    if cfg["kind"] == "torch":
+    if kind == "torch":
         env.update(TORCH_ENV)
+    env.update(isa_env(cfg.get("isa", "native"), kind))
     env.update(cfg.get("env", {}))
     cmd = [sys.executable, "-m", "distcnn.bench", "--worker", json.dumps(cfg)]
-    if ranks > 1:
-        mpirun = _mpirun()
-        if mpirun is None:
-            return {}
-        cmd = [mpirun, "-n", str(ranks), sys.executable, "-m", "mpi4py"] + cmd[1:]
+    t0, load = time.time(), _loadavg()
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if ranks > 1 and kind == "torch":
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            env["WORLD_SIZE"] = str(ranks)
+            procs = [
+                subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+                for r in range(ranks)
+            ]  # fmt: skip
+            outs = [p.communicate(timeout=timeout) for p in procs]
+            stdout, stderr = outs[0][0] + "".join(o[0] for o in outs[1:]), outs[0][1]
+        else:
+            if ranks > 1:
+                mpirun = _mpirun()
+                if mpirun is None:
+                    return {}
+                cmd = [mpirun, "-n", str(ranks), sys.executable, "-m", "mpi4py"] + cmd[1:]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            stdout, stderr = proc.stdout, proc.stderr
     except subprocess.TimeoutExpired:
+        print(f"  (setting {cfg} timed out)", file=sys.stderr)
         return {}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("BENCH "):
-            return json.loads(line[6:])
-    err = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            out = json.loads(line[6:])
+            out.update(started=round(t0, 1), loadavg=load)
+            if kind == "torch":
+                out["isa"].update(_onednn_info(stdout))
+            return out
+    err = stderr.strip().splitlines()[-1:] or ["no output"]
     print(f"  (setting {cfg} failed: {err[0]})", file=sys.stderr)
     return {}
 
@@ -268,21 +464,29 @@ def _fmt(v: float | None, spec: str = ",.0f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None or not b else f"{a / b:.2f}x"
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _x(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distcnn.bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one round, short windows (< 1 minute)")
     p.add_argument("--smoke", action="store_true", help="tiny run that only checks the plumbing")
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads of the main comparison")
-    p.add_argument("--batch", type=int, default=64, help="batch (per rank) of the main comparison")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads of the 1-process runs")
+    p.add_argument("--batch", type=int, default=64, help="batch (per rank) of every comparison")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3)")
+    p.add_argument("--seconds", type=float, default=None, help="timed window per setting")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
+    p.add_argument("--table", action="store_true", help="also the batch x image-size table")
+    p.add_argument("--json", metavar="PATH", help="raw figures (default: bench-<UTC time>.json)")
     p.add_argument("--mpi", action="store_true", help="under mpirun: measure these ranks only")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
 
     if args.worker:
         cfg = json.loads(args.worker)
@@ -293,15 +497,19 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag} {value} is not a positive count; use 1 or more")
+    if args.seconds is not None and not args.seconds > 0:
+        p.error(f"--seconds {args.seconds} is not a positive duration; use e.g. 1.5")
     if args.mpi:
         threadsmod.apply(args.threads)
-        cfg = {"kind": "distcnn", "threads": args.threads, "batch": args.batch, "px": 28,
-               "seconds": 1.0 if args.quick else 2.0}  # fmt: skip
+        secs = args.seconds or (1.0 if args.quick else 2.0)
+        cfg = {"kind": "distcnn", "threads": args.threads, "batch": args.batch,
+               "shape": [1, 28, 28], "seconds": secs}  # fmt: skip
         out = measure_distcnn(cfg)
         if out.get("rank", 0) != 0:  # only rank 0 prints
             return 0
         if "ranks" in out:
             _print_mpi(out["ranks"], args.batch)
+            print(f"  gradient sum: {out['allreduce']}")
         elif out:
             print(f"1 rank: {out['train_ips']:,.0f} images/s, comm {100 * out['comm_share']:.1f} %")
         return 0
@@ -319,49 +527,81 @@ def _print_mpi(ranks: list[dict[str, Any]], batch: int) -> None:
         )
 
 
-def drive(args: argparse.Namespace) -> int:
+def build_settings(args: argparse.Namespace, torch_ok: bool, mpi_ok: bool) -> dict[str, Any]:
+    """Every setting of this run, by key."""
     quick, smoke = args.quick or args.smoke, args.smoke
-    rounds = args.repeats or (1 if quick else 3)
-    secs = 0.3 if smoke else (0.8 if quick else 1.5)
-    t_main, b_main = args.threads, args.batch
+    secs = args.seconds or (0.3 if smoke else (0.7 if quick else 1.5))
+    t, b = args.threads, args.batch
+    isas = ("native",) if smoke else ISAS
+    models = ("ref",) if smoke else tuple(MODELS)
+    s: dict[str, Any] = {}
+    for isa in isas:
+        s[f"gemm/{isa}"] = {"kind": "gemm", "threads": t, "n": 256 if smoke else 1024,
+                            "seconds": secs / 3, "isa": isa}  # fmt: skip
+        for m in models:
+            _, spec, shape = MODELS[m]
+            base = {"spec": spec, "shape": list(shape), "threads": t, "batch": b,
+                    "seconds": secs, "isa": isa}  # fmt: skip
+            s[f"distcnn/{m}/{isa}"] = {**base, "kind": "distcnn", "eval": True}
+            if torch_ok:
+                for layout in ("nchw", "channels_last"):
+                    s[f"torch-{layout}/{m}/{isa}"] = {**base, "kind": "torch", "layout": layout}
+    one = {"spec": None, "shape": [1, 28, 28], "threads": 1, "batch": b, "seconds": secs}
+    if t != 1:
+        s["distcnn/ref/native/1thread"] = {**one, "kind": "distcnn", "isa": "native"}
+    if mpi_ok:
+        for mode in ("auto", "shm", "mpi"):
+            env = {} if mode == "auto" else {"DISTCNN_ALLREDUCE": mode}
+            s[f"distcnn2/{mode}"] = {**one, "kind": "distcnn", "ranks": 2, "env": env}
+    if torch_ok:
+        for layout in ("nchw", "channels_last"):
+            s[f"ddp2-{layout}"] = {**one, "kind": "torch", "ranks": 2, "layout": layout}
+    if not quick:
+        s["mem512"] = {**one, "kind": "distcnn", "batch": 512, "warmup": 2, "min_steps": 2,
+                       "seconds": secs / 2}  # fmt: skip
+    if args.table:
+        for bb in TABLE_BATCHES:
+            for px in TABLE_PIXELS:
+                s[f"table/{bb}x{px}"] = {"kind": "distcnn", "spec": None, "shape": [1, px, px],
+                                         "threads": t, "batch": bb, "warmup": 1, "min_steps": 2,
+                                         "seconds": secs / 3}  # fmt: skip
+    return s
+
+
+def _machine() -> dict[str, Any]:
+    """The CPU, the CPUs this process may use, and the cgroup quota (no paths, no host name)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name":
+                model = val.strip()
+            elif key.strip() == "flags":
+                flags = set(val.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile")
+    return {
+        "cpu": model,
+        "isa_flags": [f for f in wanted if f in flags],
+        "cpus_online": os.cpu_count(),
+        "cpus_usable": threadsmod.usable_cores(),
+        "cpu_quota": threadsmod.cgroup_cpu_limit(),
+        "python": platform.python_version(),
+        "system": f"{platform.system()} {platform.release()}",
+    }
+
+
+def drive(args: argparse.Namespace) -> int:
+    smoke = args.smoke
+    rounds = args.repeats or (1 if args.quick or smoke else 3)
     torch_ok = not args.no_torch and not smoke and importlib.util.find_spec("torch") is not None
     mpi_ok = not smoke and _mpirun() is not None
-    base = {"px": 28, "seconds": secs}
-    settings: dict[str, tuple[dict[str, Any], int]] = {
-        "main": ({**base, "kind": "distcnn", "threads": t_main, "batch": b_main, "eval": True}, 1),
-        "gemm": ({"kind": "gemm", "threads": t_main, "n": 256 if smoke else 1024,
-                  "seconds": secs / 2}, 1),
-        "mem512": ({**base, "kind": "distcnn", "threads": 1, "batch": 512, "warmup": 2,
-                    "min_steps": 2, "seconds": secs / 2}, 1),
-    }  # fmt: skip
-    if t_main != 1:
-        settings["one"] = ({**base, "kind": "distcnn", "threads": 1, "batch": b_main}, 1)
-    if torch_ok:
-        settings["torch"] = ({**base, "kind": "torch", "threads": t_main, "batch": b_main}, 1)
-    if mpi_ok:
-        settings["mpi2"] = ({**base, "kind": "distcnn", "threads": 1, "batch": b_main}, 2)
-        settings["mpi2plain"] = (
-            {**base, "kind": "distcnn", "threads": 1, "batch": b_main,
-             "env": {"DISTCNN_ALLREDUCE": "mpi"}},
-            2,
-        )  # fmt: skip
-        settings["gemm2"] = ({"kind": "gemm", "threads": 2, "n": 1024, "seconds": secs / 2}, 1)
-        if torch_ok:
-            settings["torch2"] = (
-                {**base, "kind": "torch", "threads": 2, "batch": 2 * b_main},
-                1,
-            )
-    batches = (16,) if smoke else TABLE_BATCHES
-    pixels = (28,) if smoke else TABLE_PIXELS
-    for b in batches:
-        for px in pixels:
-            settings[f"t{b}x{px}"] = (
-                {"kind": "distcnn", "threads": t_main, "batch": b, "px": px, "warmup": 1,
-                 "min_steps": 1 if quick else 2, "seconds": secs / 3},
-                1,
-            )  # fmt: skip
+    settings = build_settings(args, torch_ok, mpi_ok)
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in settings}
+    started = datetime.datetime.now(datetime.timezone.utc)
     t_start = time.perf_counter()
+    load_start = _loadavg()
     print(
         f"distcnn bench: {len(settings)} settings x {rounds} round(s), each in a fresh process",
         file=sys.stderr,
@@ -370,105 +610,191 @@ def drive(args: argparse.Namespace) -> int:
     for r in range(rounds):
         keys = list(settings) if r % 2 == 0 else list(reversed(settings))  # interleaved
         for key in keys:
-            cfg, ranks = settings[key]
-            results[key].append(run_setting(cfg, ranks))
-    report(results, args, rounds, torch_ok, mpi_ok, batches, pixels)
-    print(f"\n(bench took {time.perf_counter() - t_start:.0f} s)")
+            results[key].append(run_setting(settings[key]))
+    load_end = _loadavg()
+    record = {
+        "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join(["python -m distcnn.bench", *args.argv]),
+        "rounds": rounds,
+        "machine": _machine(),
+        "parent_env": {k: os.environ[k] for k in ISA_VARS if k in os.environ},
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+        "settings": settings,
+        "samples": results,
+    }
+    summary = report(results, settings, args, rounds, torch_ok, mpi_ok, record)
+    record["summary"] = summary
+    record["seconds"] = round(time.perf_counter() - t_start, 1)
+    out = Path(args.json or f"bench-{started.strftime('%Y%m%dT%H%M%SZ')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(f"\n(bench took {record['seconds']:.0f} s; raw figures in {out})")
     return 0
+
+
+def _isa_line(res: list[dict[str, Any]]) -> str:
+    isa = next((r["isa"] for r in res if r and r.get("isa")), None)
+    if not isa:
+        return "unknown"
+    if "blas" in isa:
+        blas = isa.get("blas") or {}
+        simd = (isa.get("numpy_simd") or ["baseline"])[-1]
+        return (f"{blas.get('internal_api')} {blas.get('version')} kernel "
+                f"{blas.get('architecture')}; NumPy SIMD up to {simd}")  # fmt: skip
+    conv = ", ".join(isa.get("onednn_conv") or []) or "none seen"
+    return (f"ATen {isa.get('aten_capability')}; oneDNN isa {isa.get('onednn_isa')!r}, "
+            f"conv kernels {conv}")  # fmt: skip
 
 
 def report(
     res: dict[str, list[dict[str, Any]]],
+    settings: dict[str, Any],
     args: argparse.Namespace,
     rounds: int,
     torch_ok: bool,
     mpi_ok: bool,
-    batches: tuple[int, ...],
-    pixels: tuple[int, ...],
-) -> None:
+    record: dict[str, Any],
+) -> dict[str, Any]:
+    """Print the comparison; returns the summary figures (for the JSON record)."""
     t, b = args.threads, args.batch
-    main_runs = res["main"]
     m = lambda key, name: _median(res.get(key, []), name)  # noqa: E731
-    blas = next((r["blas"] for r in main_runs if r.get("blas")), "unknown")
-    fpi = next((r["flops_per_image"] for r in main_runs if r.get("flops_per_image")), None)
-    print(f"distcnn bench - reference model, 28x28x1, float32; medians of {rounds} round(s),")
-    print("every setting in a fresh process, rounds interleaved")
-    print(f"BLAS: {blas}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
-    if fpi:
-        print(f"train step FLOPs per image: {fpi / 1e6:.2f} M (3 x Model.flops_per_sample())")
+    summary: dict[str, Any] = {}
+    mach = record["machine"]
+    print(f"distcnn bench - medians of {rounds} round(s), every setting in a fresh process, "
+          "rounds interleaved")  # fmt: skip
+    quota = mach["cpu_quota"] or "none"
+    print(f"machine: {mach['cpu']}, flags {' '.join(mach['isa_flags'])}; "
+          f"{mach['cpus_usable']} usable CPU(s), cgroup CPU limit {quota}")  # fmt: skip
+    load0, load1 = record["loadavg_start"], record["loadavg_end"]
+    print(f"load average: {load0} at the start, {load1} at the end")
+    parent = record["parent_env"]
+    print("parent environment: " + (", ".join(f"{k}={v}" for k, v in parent.items()) or
+          "no ISA variables set") + " (each setting sets its own; see the ISA lines)")  # fmt: skip
 
-    print(f"\n== Train step, 1 process, {t} thread(s), batch {b} ==")
-    ips, tips = m("main", "train_ips"), m("torch", "train_ips")
-    gf = m("gemm", "gflops")
-    ceil = gf * 1e9 / fpi if gf and fpi else None
-    print(f"{'':24s}{'images/s':>12s}{'eval images/s':>15s}")
-    print(f"{'distcnn':24s}{_fmt(ips):>12s}{_fmt(m('main', 'eval_ips')):>15s}")
-    if torch_ok:
-        print(
-            f"{'PyTorch (allocator env)':24s}{_fmt(tips):>12s}{_fmt(m('torch', 'eval_ips')):>15s}"
-        )
-        print(f"{'distcnn / PyTorch':24s}{_ratio(ips, tips):>12s}")
-    else:
-        print("PyTorch: not importable (or --no-torch/--smoke): comparison skipped")
-    reach = 100 * ips / ceil if ips and ceil else None
-    print(f"NumPy float32 GEMM ceiling ({t} thread(s)): {_fmt(gf, '.1f')} GFLOP/s = "
-          f"{_fmt(ceil)} images/s; distcnn reaches {_fmt(reach, '.1f')} %")  # fmt: skip
-    share = m("main", "data_share")
+    isas = sorted({s["isa"] for s in settings.values() if "isa" in s and s.get("ranks", 1) == 1},
+                  key=ISAS.index)  # fmt: skip
+    for mkey, (mname, _, shape) in MODELS.items():
+        if f"distcnn/{mkey}/native" not in res:
+            continue
+        print(f"\n== {mname} ({'x'.join(map(str, shape))}), 1 process, {t} thread(s), batch {b} ==")
+        head = "".join(f"{isa + ' train':>15s}{isa + ' eval':>14s}" for isa in isas)
+        print(f"{'images/s':26s}{head}")
+        rows = [("distcnn", "distcnn")]
+        if torch_ok:
+            rows += [("PyTorch NCHW", "torch-nchw")]
+            rows += [("PyTorch channels_last", "torch-channels_last")]
+        for label, kind in rows:
+            cells = "".join(
+                f"{_fmt(m(f'{kind}/{mkey}/{isa}', 'train_ips')):>15s}"
+                f"{_fmt(m(f'{kind}/{mkey}/{isa}', 'eval_ips')):>14s}"
+                for isa in isas
+            )
+            print(f"{label:26s}{cells}")
+        if torch_ok:
+            cells = ""
+            for isa in isas:
+                d = m(f"distcnn/{mkey}/{isa}", "train_ips")
+                de = m(f"distcnn/{mkey}/{isa}", "eval_ips")
+                lay = {lay: m(f"torch-{lay}/{mkey}/{isa}", "train_ips")
+                       for lay in ("nchw", "channels_last")}  # fmt: skip
+                best = max(lay, key=lambda k: lay[k] or 0)
+                be = max((m(f"torch-{k}/{mkey}/{isa}", "eval_ips") or 0) for k in lay) or None
+                rt, re_ = _ratio(d, lay[best]), _ratio(de, be)
+                summary[f"1thread/{mkey}/{isa}"] = {
+                    "distcnn": d, "torch_best": lay[best], "torch_best_layout": best,
+                    "ratio": rt, "eval_ratio": re_,
+                }  # fmt: skip
+                cells += f"{_x(rt):>15s}{_x(re_):>14s}"
+            print(f"{'distcnn / best PyTorch':26s}{cells}")
+        for isa in isas:
+            print(f"  {isa}: distcnn ran {_isa_line(res.get(f'distcnn/{mkey}/{isa}', []))}")
+            if torch_ok:
+                for lay in ("nchw", "channels_last"):
+                    line = _isa_line(res.get(f"torch-{lay}/{mkey}/{isa}", []))
+                    print(f"  {isa}: PyTorch {lay} ran {line}")
+
+    print(f"\n== NumPy float32 GEMM ceiling (1024^3, {t} thread(s)) and what distcnn reaches ==")
+    for isa in isas:
+        gf = m(f"gemm/{isa}", "gflops")
+        parts = []
+        for mkey in MODELS:
+            d = res.get(f"distcnn/{mkey}/{isa}")
+            fpi = next((r["flops_per_image"] for r in d or [] if r.get("flops_per_image")), None)
+            ips = m(f"distcnn/{mkey}/{isa}", "train_ips")
+            if gf and fpi and ips:
+                parts.append(f"{mkey} {100 * ips * fpi / (gf * 1e9):.1f} %")
+        print(f"{isa:8s}{_fmt(gf, '.1f')} GFLOP/s ({_isa_line(res.get(f'gemm/{isa}', []))}); "
+              f"distcnn train steps reach {', '.join(parts) or 'n/a'} of it")  # fmt: skip
+        summary[f"gemm/{isa}"] = gf
+    share = m("distcnn/ref/native", "data_share")
     print(f"data loading (Split.batch): {_fmt(share * 100 if share is not None else None, '.2f')} "
-          "% of the step")  # fmt: skip
+          "% of the reference step")  # fmt: skip
 
     print("\n== Peak memory per process (VmHWM, MiB): after warm-up -> after the timed steps ==")
-    for key, label in (("main", f"batch {b}"), ("mem512", "batch 512")):
+    for key, label in (("distcnn/ref/native", f"batch {b}"), ("mem512", "batch 512")):
+        if key not in res:
+            continue
         w, e = m(key, "hwm_warm"), m(key, "hwm_end")
-        rw, re_ = m(key, "rss_warm"), m(key, "rss_end")
         steps = m(key, "steps")
         grow = "stable" if w is not None and e is not None and e - w < 1.0 else "GROWS"
-        print(f"{label:10s} {_fmt(w, '.1f')} -> {_fmt(e, '.1f')} over {_fmt(steps)} steps "
-              f"({grow}); RSS {_fmt(rw, '.1f')} -> {_fmt(re_, '.1f')}")  # fmt: skip
+        print(f"{label:10s} {_fmt(w, '.1f')} -> {_fmt(e, '.1f')} over {_fmt(steps)} steps ({grow})")
 
-    print(f"\n== 2 ranks x 1 thread (mpirun -n 2), batch {b} per rank ==")
-    one_key = "main" if t == 1 else "one"
-    one = m(one_key, "train_ips")
+    print(f"\n== 2 ranks x 1 thread, reference model, batch {b} per rank, native ISA ==")
+    one = m("distcnn/ref/native" if t == 1 else "distcnn/ref/native/1thread", "train_ips")
     if not mpi_ok:
         print("mpirun not found (or --smoke): skipped")
     else:
-        runs = [r["ranks"] for r in res["mpi2"] if r.get("ranks")]
-        if not runs:
-            print("the 2-rank run failed")
-        else:
-            total = statistics.median(sum(x["train_ips"] for x in rr) for rr in runs)
-            per = [statistics.median(rr[i]["train_ips"] for rr in runs) for i in range(2)]
-            comm = [statistics.median(rr[i]["comm_share"] for rr in runs) for i in range(2)]
-            hwm = [statistics.median(rr[i]["hwm_end"] for rr in runs) for i in range(2)]
-            gf2 = m("gemm2", "gflops")
-            print(f"1 rank x 1 thread:  {_fmt(one)} images/s")
-            print(f"2 ranks x 1 thread: {_fmt(total)} images/s in all (rank 0 {_fmt(per[0])}, "
-                  f"rank 1 {_fmt(per[1])}); scaling {_ratio(total, one)}")  # fmt: skip
-            print(f"communication: rank 0 {100 * comm[0]:.1f} %, rank 1 {100 * comm[1]:.1f} % of "
-                  f"the step; peak RSS per rank {hwm[0]:.0f} / {hwm[1]:.0f} MiB")  # fmt: skip
-            path = next((r["allreduce"] for r in res["mpi2"] if r.get("allreduce")), "unknown")
-            print(f"gradient allreduce: {path}")
-            plain = [r["ranks"] for r in res.get("mpi2plain", []) if r.get("ranks")]
-            if plain:
-                tot_p = statistics.median(sum(x["train_ips"] for x in rr) for rr in plain)
-                com_p = [statistics.median(rr[i]["comm_share"] for rr in plain) for i in range(2)]
-                print(f"  the same with MPI_Iallreduce (DISTCNN_ALLREDUCE=mpi): {_fmt(tot_p)} "
-                      f"images/s, scaling {_ratio(tot_p, one)}, communication rank 0 "
-                      f"{100 * com_p[0]:.1f} %, rank 1 {100 * com_p[1]:.1f} %")  # fmt: skip
-            if gf2 and fpi:
-                c2 = gf2 * 1e9 / fpi
-                print(f"GEMM ceiling, 2 threads: {gf2:.1f} GFLOP/s = {c2:,.0f} images/s; "
-                      f"2 ranks reach {100 * total / c2:.1f} %")  # fmt: skip
-            if torch_ok:
-                t2 = m("torch2", "train_ips")
-                print(f"PyTorch 2 threads, batch {2 * b}: {_fmt(t2)} images/s; "
-                      f"distcnn 2 ranks / PyTorch {_ratio(total, t2)}")  # fmt: skip
+        print(f"{'':48s}{'images/s':>10s}{'scaling':>9s}{'comm r0/r1':>14s}")
+        modes = (("auto", "distcnn, default sum"), ("shm", "distcnn, shared memory forced"),
+                 ("mpi", "distcnn, MPI_Iallreduce forced"))  # fmt: skip
+        for mode, label in modes:
+            runs = [r for r in res[f"distcnn2/{mode}"] if r.get("ranks")]
+            tot = _median(runs, "train_ips")
+            comm = [statistics.median(r["ranks"][i]["comm_share"] for r in runs) if runs else None
+                    for i in range(2)]  # fmt: skip
+            path = next((r["allreduce"] for r in runs), "failed")
+            cm = "n/a" if comm[0] is None else f"{100 * comm[0]:.1f}/{100 * comm[1]:.1f} %"
+            print(f"{label:48s}{_fmt(tot):>10s}{_x(_ratio(tot, one)):>9s}{cm:>14s}")
+            if mode == "auto":
+                print(f"  (the default chose: {path})")
+            summary[f"2ranks/{mode}"] = {"images_per_s": tot, "scaling": _ratio(tot, one),
+                                         "path": path}  # fmt: skip
+        if torch_ok:
+            lays = ("nchw", "channels_last")
+            ddp = {lay: _median(res[f"ddp2-{lay}"], "train_ips") for lay in lays}
+            for lay, v in ddp.items():
+                print(f"{'PyTorch DDP, 2 processes (gloo), ' + lay:48s}{_fmt(v):>10s}")
+            best = max(ddp, key=lambda k: ddp[k] or 0)
+            tot = summary["2ranks/auto"]["images_per_s"]
+            r = _ratio(tot, ddp[best])
+            print(f"distcnn 2 ranks (default sum) / best DDP ({best}): {_x(r)}")
+            summary["2ranks/vs_ddp"] = {"ddp_best": ddp[best], "ddp_layout": best, "ratio": r}
 
-    print(f"\n== distcnn train images/s, {t} thread(s), by batch and image size ==")
-    print(f"{'batch':>6s}" + "".join(f"{f'{px}x{px}':>10s}" for px in pixels))
-    for bb in batches:
-        cells = "".join(f"{_fmt(m(f't{bb}x{px}', 'train_ips')):>10s}" for px in pixels)
-        print(f"{bb:>6d}{cells}")
+    if args.table:
+        print(f"\n== distcnn train images/s, {t} thread(s), by batch and image size ==")
+        print(f"{'batch':>6s}" + "".join(f"{f'{px}x{px}':>10s}" for px in TABLE_PIXELS))
+        for bb in TABLE_BATCHES:
+            cells = "".join(f"{_fmt(m(f'table/{bb}x{px}', 'train_ips')):>10s}"
+                            for px in TABLE_PIXELS)  # fmt: skip
+            print(f"{bb:>6d}{cells}")
+
+    g = lambda key, name: summary.get(key, {}).get(name)  # noqa: E731
+    targets = [("1 thread, reference, native", g("1thread/ref/native", "ratio"), 1.3),
+               ("1 thread, reference, AVX2 cap", g("1thread/ref/avx2", "ratio"), 1.3),
+               ("1 thread, second, native", g("1thread/second/native", "ratio"), 1.3),
+               ("1 thread, second, AVX2 cap", g("1thread/second/avx2", "ratio"), 1.3),
+               ("2 ranks / 2-process DDP", g("2ranks/vs_ddp", "ratio"), 1.6),
+               ("2-rank scaling, default sum", g("2ranks/auto", "scaling"), 1.85)]  # fmt: skip
+    print("\n== Targets (median ratios of this run) ==")
+    for label, v, goal in targets:
+        if v is not None:
+            verdict = "met" if v >= goal else "NOT met"
+            print(f"{label:32s}{_x(v):>8s}  target >= {goal:.2f}x: {verdict}")
+    summary["targets"] = {label: {"value": v, "target": goal} for label, v, goal in targets}
+    return summary
 
 
 if __name__ == "__main__":

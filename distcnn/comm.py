@@ -36,8 +36,20 @@ _NAP_SECONDS = 0.0002
 _ABORT_GRACE_SECONDS = 0.2
 
 
+# alternating pairs of gradient sums timed at start-up to choose the path (Comm._calibrate)
+CALIBRATION_ROUNDS = 24
+# the shared-memory sum is kept only when it is at least this much faster than MPI_Iallreduce
+SHARED_MARGIN = 0.9
+
+
 class CollectiveTimeout(RuntimeError):
     pass
+
+
+def choose_shared(t_shared: float, t_mpi: float) -> bool:
+    """Whether the measured shared-memory sum (seconds per call) wins over MPI_Iallreduce: it
+    must be faster by SHARED_MARGIN, since it holds a window and two barriers per step."""
+    return t_shared <= SHARED_MARGIN * t_mpi
 
 
 class NodeReducer:
@@ -176,13 +188,61 @@ class Comm:
                 f": {failed})" if failed else " on another rank)"
             )
             return np.zeros(n, dtype=dtype)
-        self._reducer = reducer
+        assert reducer is not None
         L = node.Get_size()
         nodes = self.size // L
-        self.allreduce_path = f"shared memory ({L} ranks per node" + (
-            f", MPI across {nodes} nodes)" if nodes > 1 else ")"
+        shared = f"shared memory ({L} ranks per node" + (
+            f", MPI across {nodes} nodes" if nodes > 1 else ""
         )
+        if os.environ.get("DISTCNN_ALLREDUCE", "auto") == "shm":
+            self.allreduce_path = shared + ", DISTCNN_ALLREDUCE=shm)"
+        else:  # auto: keep the shared path only where it measures faster here
+            t_shm, t_mpi = self._calibrate(reducer)
+            times = f"{1e3 * t_shm:.3f} ms against {1e3 * t_mpi:.3f} ms for MPI_Iallreduce"
+            if not choose_shared(t_shm, t_mpi):
+                reducer.free()
+                self.allreduce_path = (
+                    f"MPI_Iallreduce (measured faster at start-up: {1e3 * t_mpi:.3f} ms against "
+                    f"{1e3 * t_shm:.3f} ms through shared memory)"
+                )
+                return np.zeros(n, dtype=dtype)
+            self.allreduce_path = shared + f"; measured at start-up: {times})"
+        self._reducer = reducer
         return reducer.buffer
+
+    def _calibrate(self, reducer: NodeReducer) -> tuple[float, float]:
+        """Seconds per gradient sum through `reducer` and through MPI_Iallreduce of the same
+        size, as a training step uses them: each rank first rewrites its buffer (so the lines
+        sit modified in its own core's cache, as after a backward pass) and afterwards reads the
+        whole sum (as the optimizer does). CALIBRATION_ROUNDS alternating pairs; per path the
+        median over the calls, then the slowest rank's median (so every rank decides alike).
+        Collective."""
+        plain = np.zeros(reducer.n, dtype=reducer.dtype)
+        fill = np.ones(reducer.n, dtype=reducer.dtype)
+        times: dict[str, list[float]] = {"shm": [], "mpi": []}
+
+        def shm() -> None:
+            reducer.buffer[...] = fill
+            float(self._collective("allreduce calibration", reducer.allreduce).sum())
+
+        def mpi() -> None:
+            plain[...] = fill
+            self._run(
+                lambda: self.mpi.Iallreduce(MPI.IN_PLACE, plain, op=MPI.SUM),
+                "allreduce calibration",
+            )
+            float(plain.sum())
+
+        for i in range(CALIBRATION_ROUNDS + 2):  # the first two pairs warm both paths up
+            for name, fn in (("shm", shm), ("mpi", mpi)) if i % 2 else (("mpi", mpi), ("shm", shm)):
+                t0 = time.perf_counter()
+                fn()
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
+        reducer.buffer[...] = 0
+        med = np.array([float(np.median(times["shm"])), float(np.median(times["mpi"]))])
+        self._run(lambda: self.mpi.Iallreduce(MPI.IN_PLACE, med, op=MPI.MAX), "calibration")
+        return float(med[0]), float(med[1])
 
     def _node_layout(self) -> tuple[MPI.Comm, MPI.Comm | None] | None:
         """(node comm, cross-node comm or None) when the shared-memory path applies, else None.

@@ -8,6 +8,7 @@ No timing here: speed lives in `python -m distcnn.bench`.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -187,24 +188,32 @@ def _naive_backward(layer, model, x, dy, ref):
     return dx
 
 
-def test_bench_smoke_prints_every_section():
+def test_bench_smoke_prints_every_section(tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "distcnn.bench", "--smoke"],
-        capture_output=True, text=True, env=env, timeout=120, cwd=root,
+        [sys.executable, "-m", "distcnn.bench", "--smoke", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     for header in (
-        "== Train step, 1 process",
-        "NumPy float32 GEMM ceiling",
+        "== reference model (1x28x28), 1 process",
+        "native: distcnn ran openblas",
+        "== NumPy float32 GEMM ceiling",
         "data loading (Split.batch)",
         "== Peak memory per process",
         "== 2 ranks x 1 thread",
-        "by batch and image size ==",
+        "raw figures in",
     ):
         assert header in proc.stdout, header
     assert "distcnn  " in proc.stdout
+    record = json.loads(out.read_text())
+    assert record["machine"]["cpus_usable"] >= 1 and record["loadavg_start"] is not None
+    run = record["samples"]["distcnn/ref/native"][0]
+    assert run["train_ips"] > 0 and len(run["step_ms_samples"]) == run["steps"]
+    assert run["isa"]["blas"]["architecture"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # nothing else written
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
