@@ -6,7 +6,7 @@ Layout (INTERFACE.md):
     root attrs                  format_version, magic, step, epoch, offset (samples of this
                                 epoch's global order already used), world_size, model, config
                                 (JSON), num_classes, input_shape, seed, best_val, data_order,
-                                attrs_sha256
+                                run_id (the run that wrote it), attrs_sha256
     every dataset               attr sha256 of its bytes, verified on every load
 
 Only rank 0 calls the writing functions; the trainer broadcasts their outcome. A save writes
@@ -58,6 +58,7 @@ class Checkpoint:
     model: str
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the trainer's log window
+    run_id: str = ""  # the run that wrote it ("" in checkpoints older than run ids)
     format_version: int = FORMAT_VERSION  # as read from the file
 
 
@@ -116,6 +117,7 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
         "config": json.dumps(ck.config, sort_keys=True),
         "data_order": DATA_ORDER,
         "extra": json.dumps(ck.extra, sort_keys=True),
+        "run_id": str(ck.run_id),
     }
     attrs["attrs_sha256"] = _attrs_digest(attrs)
     try:
@@ -216,6 +218,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
         model=str(attrs["model"]),
         config=json.loads(attrs["config"]),
         extra=json.loads(attrs.get("extra", "{}")),
+        run_id=str(attrs.get("run_id", "")),
     )
 
 
@@ -266,25 +269,74 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def newest_valid(directory: str | os.PathLike) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that loads and verifies, and a note for each newer one skipped."""
-    skipped = []
+def run_id_of(path: str | os.PathLike) -> str | None:
+    """The run_id root attribute of a checkpoint, read without verifying anything ("" for a
+    checkpoint older than run ids); None when the file cannot be opened as HDF5."""
+    try:
+        with h5py.File(path, "r") as f:
+            v = f.attrs.get("run_id", "")
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError):
+        return None
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def of_run(directory: str | os.PathLike, run_id: str) -> list[tuple[int, Path]]:
+    """(step, path) of the ckpt-*.h5 files in directory written by run_id, newest first."""
+    return [(s, p) for s, p in list_checkpoints(directory) if run_id_of(p) == run_id]
+
+
+def summarize_skips(skipped: list[str], limit: int = 3) -> str:
+    """One short phrase for many skipped files: the first `limit` reasons, then a count."""
+    head = "; ".join(skipped[:limit])
+    more = len(skipped) - limit
+    return head + (f"; and {more} more" if more > 0 else "")
+
+
+def newest_valid(
+    directory: str | os.PathLike, run_id: str | None = None
+) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that loads and verifies (of run_id when given: others' files are
+    passed over), and the notes: one line that summarises the newer ones skipped."""
+    damaged: list[str] = []
+    others = 0
+    found = None
     for _, p in list_checkpoints(directory):
+        if run_id is not None:
+            rid = run_id_of(p)
+            if rid is not None and rid != run_id:
+                others += 1
+                continue
         try:
             load(p)
         except CheckpointError as e:
-            skipped.append(f"--resume auto: skipping {p.name}, it does not verify: {e}")
+            damaged.append(f"{p.name}: {e}")
             continue
-        return p, skipped
-    return None, skipped
+        found = p
+        break
+    notes = []
+    if damaged:
+        n = len(damaged)
+        notes.append(
+            f"--resume auto: skipped {n} newer checkpoint{'s' if n > 1 else ''} that "
+            f"{'do' if n > 1 else 'does'} not verify ({summarize_skips(damaged)})"
+        )
+    if others:
+        notes.append(
+            f"--resume auto: passed over {others} checkpoint{'s' if others > 1 else ''} of "
+            f"other runs in {directory} (this run is {run_id})"
+        )
+    return found, notes
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete leftover *.h5.tmp files from a crashed save."""
+    """Delete leftover ckpt-*.h5.tmp / best.h5.tmp files from a crashed save (the caller holds
+    the directory's lock, so no live save owns them)."""
     d = Path(directory)
     removed = []
     if d.is_dir():
         for p in d.glob("*.h5" + TMP_SUFFIX):
+            if not (NAME_RE.match(p.name[: -len(TMP_SUFFIX)]) or p.name == "best.h5.tmp"):
+                continue
             try:
                 p.unlink()
                 removed.append(p)
@@ -293,9 +345,10 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def prune(directory: str | os.PathLike, keep: int) -> None:
-    """Keep the newest `keep` ckpt-*.h5 files (best.h5 is never touched)."""
-    for _, p in list_checkpoints(directory)[keep:]:
+def prune(directory: str | os.PathLike, keep: int, run_id: str) -> None:
+    """Keep the newest `keep` ckpt-*.h5 files of run_id; other runs' files and best.h5 are
+    never touched."""
+    for _, p in of_run(directory, run_id)[keep:]:
         try:
             p.unlink()
         except OSError:
@@ -319,6 +372,7 @@ def summarize(path: str | os.PathLike) -> str:
         f"  format_version {ck.format_version}, checksum status: {status}",
         f"  step {ck.step}, epoch {ck.epoch} (+{ck.offset} samples), written by {ck.world_size} "
         f"rank(s), seed {ck.seed}, best val accuracy {ck.best_val:.4f}",
+        f"  run {ck.run_id or '(none recorded)'}",
         f"  model {ck.model}  input {tuple(ck.input_shape)}  classes {ck.num_classes}",
         "  parameters:",
     ]

@@ -84,6 +84,7 @@ class Console:
         self.on = comm.rank == 0
         self.log_path = log_path
         self.resumed_step = resumed_step
+        self.log_failed = False
 
     def continue_log(self) -> None:
         """Once setup has succeeded (a refused resume leaves the log alone): drop the records
@@ -94,14 +95,17 @@ class Console:
 
     @staticmethod
     def _truncate_log(path: Path, step: int) -> None:
-        """Drop records past the resumed step, so they are not repeated (atomic rewrite)."""
+        """Drop records past the resumed step, so they are not repeated (atomic rewrite).
+        Only ever called on a log distcnn wrote (rundir.check_log refuses any other file);
+        events (the supervisor's attempts) are kept whatever their step."""
         kept = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(rec, dict) and (rec.get("kind") == "event" or rec.get("step", 0) <= step):
+                kept.append(line)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(k + "\n" for k in kept))
         os.replace(tmp, path)
@@ -115,9 +119,20 @@ class Console:
             print(f"warning: {msg}", file=sys.stderr, flush=True)
 
     def record(self, rec: dict[str, Any]) -> None:
-        if self.on and self.log_path:
+        """Append one record. A log that cannot be written (a full disk) does not stop the
+        training: one warning says from which step records are missing."""
+        if not (self.on and self.log_path):
+            return
+        try:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            if not self.log_failed:
+                self.log_failed = True
+                self.warn(
+                    f"cannot append to the metrics log {self.log_path} ({e.strerror or e}); "
+                    f"its records from step {rec.get('step')} on are missing"
+                )
 
 
 class Metrics:

@@ -14,6 +14,7 @@ Every place that talks to other ranks is marked `# MPI:`.
 from __future__ import annotations
 
 import math
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +32,10 @@ from distcnn.metrics import Console, LogWindow, Metrics, Phases
 from distcnn.model import REFERENCE_SPEC, Model
 from distcnn.optim import SGD, learning_rate
 from distcnn.progress import Progress, fmt_metric, hms, profile_table
+from distcnn.rundir import RunDir, new_run_id
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
 from distcnn.saver import SaveFailed, Saver
+from distcnn.status import StatusFile
 
 __all__ = ["Console", "SaveFailed", "TrainState", "Trainer", "evaluate_split"]
 
@@ -87,10 +90,17 @@ class Trainer:
         warnings: list[str],
         resume: ckpt.Checkpoint | None,
         resume_path: str | None,
+        run_id: str | None = None,
+        run: RunDir | None = None,
     ) -> None:
+        """run_id: this run's id (a new one when None); run: rank 0's RunDir (lock held), or
+        None (other ranks, and tests that build a Trainer directly)."""
         self.cfg = cfg
         self.comm = comm
-        self.console = Console(comm, cfg.log, resume.step if resume else None)
+        self.run_id = run_id if run_id is not None else new_run_id()
+        self.rundir = run
+        log_path = run.log_path if run else cfg.log  # without a RunDir: --log only
+        self.console = Console(comm, log_path, resume.step if resume else None)
         for w in warnings:
             self.console.warn(w)
         data_path = cfg.data or str(datamod.DEFAULT_DATASET)
@@ -122,6 +132,8 @@ class Trainer:
         self.velocity_views = self.model.views_of(self.opt.velocity)
         self.state = TrainState()
         self.phases = Phases()
+        self.status: StatusFile | None = None  # rank 0's status.json, from start()
+        self._status_warned = False
         self.stop_request = signals.STOP  # train.main installs its handlers first thing
         self.interrupted = False  # the agreed stop came from SIGINT on some rank
         self.fault = fault_from_env(comm.rank)
@@ -134,12 +146,14 @@ class Trainer:
         self.warmup_steps = int(cfg.warmup_epochs * self.steps_per_epoch)
         self.saver = Saver(
             comm,
+            self.run_id,
             cfg.checkpoint_dir,
             cfg.checkpoint_every,
             cfg.keep,
             self.phases,
             self.checkpoint_state,
             self._replica_check,
+            lambda path: self._set_status(force=True, last_checkpoint=str(path)),
         )
         shard = -(-cfg.batch_size // (DET_SHARDS if cfg.deterministic else comm.size))
         self.xbuf = np.empty((shard, *self.train.image_shape), dtype=np.float32)
@@ -208,10 +222,53 @@ class Trainer:
             self.velocity_views[name][...] = resume.velocity[name]
 
     def start(self) -> None:
-        """MPI: rank 0's parameters and optimizer state become everyone's."""
-        self.console.continue_log()
+        """Rank 0 continues the metrics log and writes run.json; MPI: rank 0's parameters and
+        optimizer state become everyone's."""
+        st = self.state
+        if st.step < self.total_steps:  # a run with nothing to do changes no file
+            self._open_run_files()
         self.comm.bcast(self.model.params, 0, "initial parameters")
         self.comm.bcast(self.opt.velocity, 0, "optimizer state")
+
+    def _open_run_files(self) -> None:
+        st = self.state
+        self.console.continue_log()
+        self.console.record(
+            {"kind": "run", "time": time.time(), "step": st.step, "epoch": st.epoch,
+             "run_id": self.run_id, "world_size": self.comm.size}
+        )  # fmt: skip
+        if self.rundir is not None:
+            self.rundir.write_run_json(self.cfg.as_dict(), self.comm.size, st.step)
+            self.status = StatusFile(
+                self.cfg.checkpoint_dir, self.run_id, self.total_steps, self.comm.size
+            )
+            self.status.update(True, state="starting", step=st.step, epoch=st.epoch)
+            self.comm.on_stall = lambda msg: self._set_status("failed", message=msg)
+
+    def _set_status(
+        self,
+        state: str | None = None,
+        message: str | None = None,
+        force: bool = False,
+        **kw: Any,
+    ) -> None:
+        """Rank 0: status.json (see distcnn.status); a state or a failure is written at once,
+        progress at most once a second."""
+        if self.status is None:
+            return
+        if message is not None:
+            kw["last_failure"] = {
+                "rank": self.comm.rank,
+                "host": socket.gethostname(),
+                "step": self.state.step,
+                "message": message,
+            }
+        if state is not None:
+            kw["state"] = state
+        self.status.update(force or state is not None or message is not None, **kw)
+        if self.status.error and not self._status_warned:
+            self._status_warned = True
+            self.console.warn(self.status.error + "; training goes on without a live status")
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -327,6 +384,7 @@ class Trainer:
             model=self.model.spec,
             config=self.cfg.as_dict(),
             extra={"log_state": self.state.log.as_saved()},
+            run_id=self.run_id,
         )
 
     def save(self, best: bool = False) -> None:
@@ -339,7 +397,12 @@ class Trainer:
         if self.cfg.profile:
             self.model.profile_layers()
         first_step = self.state.step
-        code = self._train()
+        try:
+            code = self._train()
+        except BaseException as e:  # rank 0's own failure (any rank's SaveFailed included)
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self._set_status("failed", message=f"{type(e).__name__}: {msg}")
+            raise
         if self.cfg.profile:
             self.console.print(self.profile_report(self.state.step - first_step))
         return code
@@ -354,6 +417,7 @@ class Trainer:
             self.console.on, self.total_steps, st.step, not self.cfg.no_progress
         )
         self.metrics.restart_clocks(st.step)
+        self._set_status("running", step=st.step, epoch=st.epoch)
         order = epoch_order(self.cfg.seed, st.epoch, n_train)
         stop = False
         while st.step < self.total_steps and not stop:
@@ -366,6 +430,7 @@ class Trainer:
             self.metrics.add(loss, acc, len(batch), finite)
             if self._too_many_bad_steps(finite):
                 self.progress.close()
+                self._set_status("failed", message=f"{self.bad_in_row} non-finite steps in a row")
                 return 1
             last = st.step >= self.total_steps or stop
             self._log_step(last)
@@ -408,6 +473,14 @@ class Trainer:
         rec = self.metrics.step_record(st.step, st.epoch, st.offset, last)
         if rec is not None:
             self.console.record(rec)
+            self._set_status(
+                step=st.step,
+                epoch=rec["epoch"],
+                loss=rec["loss"],
+                accuracy=rec["accuracy"],
+                images_per_sec=rec["images_per_sec"],
+                eta_seconds=self.progress.eta(st.step),
+            )
         self.progress.update(st.step, rec)
 
     def _report_stop(self) -> int:
@@ -419,10 +492,12 @@ class Trainer:
             f"{what} ({where}): stopped at step {self.state.step}, checkpoint {path} saved; "
             f"exiting {code}"
         )
+        self._set_status(what, step=self.state.step, eta_seconds=None)
         return code
 
     def _final_test(self) -> int:
         if self.test is None:
+            self._set_status("done", step=self.state.step, eta_seconds=0.0)
             return 0
         st, m = self.state, self._evaluate(self.test)
         self.console.print(
@@ -438,6 +513,7 @@ class Trainer:
                 "accuracy": m["accuracy"],
             }
         )
+        self._set_status("done", step=st.step, eta_seconds=0.0, test_accuracy=m["accuracy"])
         return 0
 
     def _non_finite_step(self, in_row: int) -> bool:

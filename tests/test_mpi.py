@@ -167,6 +167,8 @@ def test_only_rank0_writes_files(runs: Runs) -> None:
     assert sorted(p.name for p in (cwd / "ck").iterdir()) == [
         ckpt.file_name(20),
         ckpt.file_name(STEPS),
+        "run.json",
+        "status.json",
     ]
     keys = [(r["kind"], r["step"]) for r in records(cwd)]
     assert len(keys) == len(set(keys))
@@ -374,7 +376,9 @@ def test_failing_rank_ends_the_job(
     assert res.returncode != 0
     assert took < FAULT_LIMIT, f"took {took:.1f} s"
     assert expect in res.stderr
-    assert not (tmp_path / "log.jsonl").exists()  # the job died before the first record
+    # the job died before the first step record: the log holds only the run's opening record
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["kind"] for x in lines] == ["run"]
 
 
 @pytest.mark.mpi
