@@ -27,6 +27,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from distcnn import faults
 from distcnn.errors import UsageError
 
 FORMAT_VERSION = 1
@@ -135,6 +136,7 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
                     f.attrs[k] = v
             raw.flush()
             os.fsync(raw.fileno())
+        faults.during_save(ck.step)  # DISTCNN_FAULT=0:<step>:kill-save dies here (drills)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:

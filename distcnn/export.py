@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distcnn.convpool import ConvPool
 from distcnn.errors import ArgumentParser, UsageError
 from distcnn.layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU
 from distcnn.model import Model
@@ -44,7 +45,15 @@ def torch_modules(model: Model) -> list[tuple[str, str]]:
 
     flat = False
     for layer in model.layers:
-        if isinstance(layer, Conv2d):
+        if isinstance(layer, ConvPool):  # conv, relu and pool in the order the spec gives them
+            mods.append((str(layer.name), f"nn.Conv2d({layer.in_shape[0]}, {layer.filters}, "
+                         "(3, 3), stride=(1, 1), padding=(1, 1))"))  # fmt: skip
+            for item in layer.spec_text.split(",")[1:]:
+                if item.strip().lower() == "relu":
+                    mods.append((name("relu"), "nn.ReLU()"))
+                else:
+                    mods.append((name("pool"), "nn.MaxPool2d((2, 2), stride=(2, 2))"))
+        elif isinstance(layer, Conv2d):
             c = layer.in_shape[0]
             mods.append(
                 (

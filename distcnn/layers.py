@@ -1,15 +1,23 @@
 """Layers with hand-derived backward passes, NCHW, on preallocated workspaces.
 
-Every layer is an object that owns its workspaces (llm.c style) and has one forward/backward pair:
+The layer contract (every layer, fused ones included; llm.c style, one object per layer that
+owns its workspaces):
 
-    y = layer.forward(x)                  # x (N, *in_shape) -> y (N, *out_shape), same dtype
-    dx = layer.backward(dy)               # overwrites the bound parameter gradients, returns dx
+    y = layer.forward(x, ctx)       # x (N, *in_shape) -> y (N, *out_shape), same dtype
+    dx = layer.backward(dy)         # overwrites the bound parameter gradients, returns dx
+    layer.backward(dy, need_dx=False) -> None   # parameter gradients only (the first layer)
 
-A layer remembers what its backward needs from the last forward call, and the arrays it returns
-are workspaces that the next call overwrites. Workspaces are sized for the largest batch seen so
+`ctx` (a Pass, default TRAIN) says whether this is a training or an evaluation pass and which
+samples the rows are; only batch norm and dropout read it. A layer remembers what its backward
+needs from the last forward call. The arrays it returns are workspaces that the next call
+overwrites; `backward` may overwrite `dy` (the caller's scratch), and a layer built with
+`inplace=True` (ReLU) overwrites its input. Workspaces are sized for the largest batch seen so
 far and reused for every smaller one, so a training run allocates nothing per step once warm.
 Parameters and their gradients are views into the model's flat buffers, handed over by `bind`.
 
+Where a layer has a fast special case, it is its own class, chosen when the model is built
+(distcnn.model.build_layers): GridConv2d (stride-1 convolution) beside Conv2d (any stride),
+MaxPool2x2 (2x2, stride 2) beside MaxPool2d (any window), and ConvPool (distcnn.convpool).
 The slow, obviously correct versions that the tests compare against are in `distcnn.naive`.
 Derivations (for y = conv(x, w) + b, written per element):
   dL/dw[f,c,i,j] = sum_{n,oh,ow} dy[n,f,oh,ow] * xpad[n,c,oh*s+i,ow*s+j]   (one GEMM on im2col)
@@ -20,6 +28,7 @@ Derivations (for y = conv(x, w) + b, written per element):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -84,10 +93,32 @@ class Workspace:
         return buf.transpose(np.argsort(order))
 
 
+@dataclass(frozen=True)
+class Pass:
+    """What a forward pass is for. train: batch statistics and dropout (else running
+    statistics, no dropout); seed, step and ids (the global sample index of each row) decide
+    the dropout masks, so a sample's mask does not depend on which rank or pass it runs in."""
+
+    train: bool = True
+    seed: int = 0
+    step: int = 0
+    ids: np.ndarray | None = None  # (N,) int64; None: 0 .. N-1
+
+    def sample_ids(self, n: int) -> np.ndarray:
+        return np.arange(n, dtype=np.int64) if self.ids is None else self.ids
+
+
+TRAIN = Pass(train=True)
+EVAL = Pass(train=False)
+
+
 class Layer:
     """Base class: shapes, parameter binding and workspaces; subclasses do the maths."""
 
     kind = "layer"
+    # True when forward's output is this layer's own workspace that its backward never reads,
+    # so a following ReLU may rectify it in place.
+    owns_output = True
 
     def __init__(self, in_shape: Shape, dtype: np.dtype = np.float32) -> None:
         self.in_shape: Shape = tuple(int(d) for d in in_shape)
@@ -95,6 +126,7 @@ class Layer:
         self.dtype = np.dtype(dtype)
         self.ws = Workspace(self.dtype)
         self.name: str | None = None
+        self.spec_text = self.kind  # the --model spec item(s) this layer runs
         self.p: dict[str, np.ndarray] = {}
         self.g: dict[str, np.ndarray] = {}
 
@@ -110,7 +142,12 @@ class Layer:
         """Forward floating-point operations per sample (a multiply-add counts as two)."""
         return 0
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def live_elements(self) -> int:
+        """Elements per sample this layer keeps live in a training step: its output and the
+        gradient of it (layers with more scratch, such as im2col columns, add theirs)."""
+        return 2 * math.prod(self.out_shape)
+
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
         raise NotImplementedError
 
     def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
@@ -127,16 +164,9 @@ class Conv2d(Layer):
     (odd kernels only), "valid" = 0, or an int / (ph, pw) pair.
     Output size: OH = (H + 2*ph - KH) // sh + 1, likewise OW.
 
-    Stride 1 with ph < KH and pw < KW (every "same" or "valid" conv) takes the grid path: the
-    input lives channel-major in a zero-bordered grid, one row of Wg = W + pw values per image
-    row (pw zeros shared as the right border of one row and the left border of the next) and
-    Hg = H + ph rows per image (ph zero rows shared by neighbouring images), flattened to
-    xg (C, N*Hg*Wg + slack). Output position q = (n*Hg + a)*Wg + b then reads input q + i*Wg + j
-    for kernel offset (i, j), so every im2col row is one contiguous slice of xg, col2im is
-    KH*KW contiguous adds, and the GEMM output (F, N*Hg*Wg) is already channel-major: the
-    returned y is a strided (N, F, OH, OW) view of it (positions with a >= OH or b >= OW are
-    computed and ignored). The bias rides in the GEMM as a row of ones. Other convs take the
-    plain im2col path.
+    Any stride and padding: the input is zero-padded, unfolded into columns (C*KH*KW, N*OH*OW)
+    by one strided copy, multiplied by the weights in one GEMM, and col2im adds the column
+    gradient back one kernel offset at a time. Stride-1 convolutions use GridConv2d instead.
     """
 
     kind = "conv"
@@ -176,11 +206,6 @@ class Conv2d(Layer):
         if oh < 1 or ow < 1:
             raise ValueError(f"conv {kh}x{kw} with padding {self.pad} does not fit a {h}x{w} input")
         self.out_shape = (self.filters, oh, ow)
-        self.grid = self.stride == (1, 1) and self.pad[0] < kh and self.pad[1] < kw
-        self._grid_n = -1  # batch size the grid buffers are laid out for
-        self._xin: np.ndarray | None = None  # the interior view handed out by input_buffer
-        self._dyin: np.ndarray | None = None  # the view handed out by grad_output_buffer
-        self.even_width = False  # Wg rounded up to even, so a 2x2 pool can pair whole grid rows
 
     def param_shapes(self) -> dict[str, Shape]:
         c = self.in_shape[0]
@@ -191,149 +216,15 @@ class Conv2d(Layer):
         f, oh, ow = self.out_shape
         return 2 * f * oh * ow * c * self.kernel[0] * self.kernel[1]
 
+    def live_elements(self) -> int:
+        """Output and its gradient, plus the im2col columns and their gradient."""
+        f = self.filters
+        cols = math.prod(self.param_shapes()["weight"][1:]) * math.prod(self.out_shape) // f
+        return super().live_elements() + 2 * cols
+
     def describe(self) -> str:
         kh, kw = self.kernel
         return f"conv {kh}x{kw}/{self.stride[0]} pad {self.pad[0]}"
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return self._grid_forward(x) if self.grid else self._im2col_forward(x)
-
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
-        if self.grid:
-            return self._grid_backward(dy, need_dx)
-        return self._im2col_backward(dy, need_dx)
-
-    # -- grid path (stride 1) -------------------------------------------------------------------
-
-    def _grid_dims(self) -> tuple[int, int, int]:
-        """(Hg, Wg, slack): grid rows per image, values per grid row, tail after N*Hg*Wg."""
-        _, h, w = self.in_shape
-        kh, kw = self.kernel
-        wg = w + self.pad[1]
-        if self.even_width:
-            wg += wg % 2  # one more zero column: still a valid shared border
-        return h + self.pad[0], wg, (kh - 1) * wg + kw - 1
-
-    def grids(self) -> dict[str, np.ndarray | int]:
-        """The grid path's flat buffers for the last forward's batch, for fused neighbours:
-        x (C, N*Hg*Wg + slack) input, y (F, N*Hg*Wg) output, dy (F, N*Hg*Wg) output gradient,
-        dx (C, N*Hg*Wg + slack) input gradient, and n, hg, wg."""
-        n = self._grid_n
-        c, f = self.in_shape[0], self.filters
-        hg, wg, slack = self._grid_dims()
-        size = n * hg * wg
-        return {
-            "x": self.ws.get("xg", (c, size + slack)),
-            "y": self.ws.get("out", (f, size)),
-            "dy": self.ws.get("dyg", (f, size)),
-            "dx": self.ws.get("dxg", (c, size + slack)),
-            "n": n,
-            "hg": hg,
-            "wg": wg,
-        }
-
-    def _layout(self, n: int) -> None:
-        """Lay the grid buffers out for batch n; borders and ignored positions become zero."""
-        if n == self._grid_n:
-            return
-        c, f = self.in_shape[0], self.filters
-        hg, wg, slack = self._grid_dims()
-        k = c * self.kernel[0] * self.kernel[1]
-        size = n * hg * wg
-        self.ws.get("xg", (c, size + slack))[...] = 0  # (C, N*Hg*Wg + slack)
-        self.ws.get("dyg", (f, size))[...] = 0  # (F, N*Hg*Wg)
-        self.ws.get("cols", (k + 1, size))[k] = 1  # (C*KH*KW + 1, N*Hg*Wg), last row: bias
-        self._grid_n = n
-        self._xin = self._dyin = None
-
-    def _interior(self, flat: np.ndarray, n: int) -> np.ndarray:
-        """(N, C, H, W) view of the image pixels inside a (C, N*Hg*Wg + ...) input grid."""
-        hg, wg, _ = self._grid_dims()
-        ph, pw = self.pad
-        _, h, w = self.in_shape
-        g = flat[:, : n * hg * wg].reshape(flat.shape[0], n, hg, wg)
-        return g[:, :, ph : ph + h, pw : pw + w].transpose(1, 0, 2, 3)
-
-    def _outputs(self, flat: np.ndarray, n: int) -> np.ndarray:
-        """(N, F, OH, OW) view of the computed positions of a (F, N*Hg*Wg) output grid."""
-        hg, wg, _ = self._grid_dims()
-        _, oh, ow = self.out_shape
-        return flat.reshape(flat.shape[0], n, hg, wg)[:, :, :oh, :ow].transpose(1, 0, 2, 3)
-
-    def input_buffer(self, n: int) -> np.ndarray | None:
-        """A writable (N, C, H, W) view that forward() reads without copying when it is handed
-        back as x (a producer writes its output straight into the grid); None off the grid path."""
-        if not self.grid:
-            return None
-        self._layout(n)
-        c = self.in_shape[0]
-        hg, wg, slack = self._grid_dims()
-        self._xin = self._interior(self.ws.get("xg", (c, n * hg * wg + slack)), n)
-        return self._xin
-
-    def grad_output_buffer(self, n: int) -> np.ndarray | None:
-        """Like input_buffer, for the dy that backward() takes (valid after forward of batch n)."""
-        if not self.grid or n != self._grid_n:
-            return None
-        hg, wg, _ = self._grid_dims()
-        self._dyin = self._outputs(self.ws.get("dyg", (self.filters, n * hg * wg)), n)
-        return self._dyin
-
-    def _grid_forward(self, x: np.ndarray) -> np.ndarray:
-        n = x.shape[0]
-        c, kh, kw = self.in_shape[0], *self.kernel
-        f = self.filters
-        hg, wg, slack = self._grid_dims()
-        k, size = c * kh * kw, n * hg * wg
-        if x is not self._xin or n != self._grid_n:
-            self._layout(n)
-            xg = self.ws.get("xg", (c, size + slack))  # (C, N*Hg*Wg + slack)
-            self._interior(xg, n)[...] = x
-        else:
-            xg = self.ws.get("xg", (c, size + slack))
-        cols = self.ws.get("cols", (k + 1, size))  # (C*KH*KW + 1, N*Hg*Wg); last row ones
-        c4 = cols[:k].reshape(c, kh, kw, size)
-        for i in range(kh):
-            for j in range(kw):
-                off = i * wg + j
-                c4[:, i, j] = xg[:, off : off + size]
-        wb = self.ws.get("wb", (f, k + 1))  # (F, C*KH*KW + 1): [weight | bias]
-        wb[:, :k] = self.p["weight"].reshape(f, k)
-        wb[:, k] = self.p["bias"]
-        out = self.ws.get("out", (f, size))  # (F, N*Hg*Wg)
-        np.matmul(wb, cols, out=out)
-        return self._outputs(out, n)
-
-    def _grid_backward(self, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
-        n = self._grid_n
-        c, kh, kw = self.in_shape[0], *self.kernel
-        f = self.filters
-        hg, wg, slack = self._grid_dims()
-        k, size = c * kh * kw, n * hg * wg
-        dyg = self.ws.get("dyg", (f, size))  # (F, N*Hg*Wg), zero where no output is computed
-        if dy is not self._dyin:
-            self._outputs(dyg, n)[...] = dy
-        cols = self.ws.get("cols", (k + 1, size))
-        gwb = self.ws.get("gwb", (k + 1, f))  # (C*KH*KW + 1, F): [dL/dweight^T ; dL/dbias]
-        np.matmul(cols, dyg.T, out=gwb)  # this orientation packs faster than dyg @ cols.T
-        self.g["weight"].reshape(f, k)[...] = gwb[:k].T
-        self.g["bias"][...] = gwb[k]
-        if not need_dx:
-            return None
-        dcols = self.ws.get("dcols", (k, size))  # (C*KH*KW, N*Hg*Wg)
-        np.matmul(self.p["weight"].reshape(f, k).T, dyg, out=dcols)
-        d4 = dcols.reshape(c, kh, kw, size)
-        dxg = self.ws.get("dxg", (c, size + slack))  # (C, N*Hg*Wg + slack)
-        dxg[:, :size] = d4[:, 0, 0]  # col2im: offset (0, 0) assigns, the others add
-        dxg[:, size:] = 0
-        for i in range(kh):
-            for j in range(kw):
-                if i or j:
-                    off = i * wg + j
-                    dxg[:, off : off + size] += d4[:, i, j]
-        return self._interior(dxg, n)
-
-    # -- plain im2col path (any stride and padding) --------------------------------------------
 
     def _padded(self, x: np.ndarray) -> np.ndarray:
         """x (N, C, H, W) -> xpad (N, C, H+2ph, W+2pw); the border stays zero across calls."""
@@ -358,7 +249,7 @@ class Conv2d(Layer):
             writeable=False,
         )
 
-    def _im2col_forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
         n = x.shape[0]
         c, kh, kw = self.in_shape[0], *self.kernel
         f, oh, ow = self.out_shape
@@ -375,7 +266,7 @@ class Conv2d(Layer):
         self._n = n
         return y
 
-    def _im2col_backward(self, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         n = self._n
         c, h, w = self.in_shape
         kh, kw = self.kernel
@@ -402,47 +293,152 @@ class Conv2d(Layer):
         return dxp[:, :, ph : ph + h, pw : pw + w]
 
 
+class GridConv2d(Conv2d):
+    """A stride-1 convolution with padding below the kernel size (every "same" or "valid" conv)
+    on a zero-bordered grid; the same numbers as Conv2d.
+
+    The input lives channel-major in a grid with one row of Wg = W + pw values per image row
+    (pw zeros shared as the right border of one row and the left border of the next) and
+    Hg = H + ph rows per image (ph zero rows shared by neighbouring images), flattened to
+    xg (C, N*Hg*Wg + slack). Output position q = (n*Hg + a)*Wg + b then reads input q + i*Wg + j
+    for kernel offset (i, j), so every im2col row is one contiguous slice of xg, col2im is
+    KH*KW contiguous adds, and the GEMM output (F, N*Hg*Wg) is already channel-major: the
+    returned y is a strided (N, F, OH, OW) view of it (positions with a >= OH or b >= OW are
+    computed and ignored). The bias rides in the GEMM as a row of ones.
+    """
+
+    @staticmethod
+    def fits(stride: tuple[int, int], pad: tuple[int, int], kernel: tuple[int, int]) -> bool:
+        return stride == (1, 1) and pad[0] < kernel[0] and pad[1] < kernel[1]
+
+    def __init__(
+        self,
+        in_shape: Shape,
+        filters: int,
+        kernel: int | tuple[int, int] = 3,
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = "same",
+        dtype: np.dtype = np.float32,
+    ) -> None:
+        super().__init__(in_shape, filters, kernel, stride, padding, dtype)
+        if not self.fits(self.stride, self.pad, self.kernel):
+            raise ValueError(
+                f"GridConv2d needs stride 1 and padding < kernel, got {self.describe()}"
+            )
+        self._grid_n = -1  # batch size the grid buffers are laid out for
+
+    def _grid_dims(self) -> tuple[int, int, int]:
+        """(Hg, Wg, slack): grid rows per image, values per grid row, tail after N*Hg*Wg."""
+        _, h, w = self.in_shape
+        kh, kw = self.kernel
+        wg = w + self.pad[1]
+        return h + self.pad[0], wg, (kh - 1) * wg + kw - 1
+
+    def _layout(self, n: int) -> None:
+        """Lay the grid buffers out for batch n; borders and ignored positions become zero."""
+        if n == self._grid_n:
+            return
+        c, f = self.in_shape[0], self.filters
+        hg, wg, slack = self._grid_dims()
+        k = c * self.kernel[0] * self.kernel[1]
+        size = n * hg * wg
+        self.ws.get("xg", (c, size + slack))[...] = 0  # (C, N*Hg*Wg + slack)
+        self.ws.get("dyg", (f, size))[...] = 0  # (F, N*Hg*Wg)
+        self.ws.get("cols", (k + 1, size))[k] = 1  # (C*KH*KW + 1, N*Hg*Wg), last row: bias
+        self._grid_n = n
+
+    def _interior(self, flat: np.ndarray, n: int) -> np.ndarray:
+        """(N, C, H, W) view of the image pixels inside a (C, N*Hg*Wg + ...) input grid."""
+        hg, wg, _ = self._grid_dims()
+        ph, pw = self.pad
+        _, h, w = self.in_shape
+        g = flat[:, : n * hg * wg].reshape(flat.shape[0], n, hg, wg)
+        return g[:, :, ph : ph + h, pw : pw + w].transpose(1, 0, 2, 3)
+
+    def _outputs(self, flat: np.ndarray, n: int) -> np.ndarray:
+        """(N, F, OH, OW) view of the computed positions of a (F, N*Hg*Wg) output grid."""
+        hg, wg, _ = self._grid_dims()
+        _, oh, ow = self.out_shape
+        return flat.reshape(flat.shape[0], n, hg, wg)[:, :, :oh, :ow].transpose(1, 0, 2, 3)
+
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
+        n = x.shape[0]
+        c, kh, kw = self.in_shape[0], *self.kernel
+        f = self.filters
+        hg, wg, slack = self._grid_dims()
+        k, size = c * kh * kw, n * hg * wg
+        self._layout(n)
+        xg = self.ws.get("xg", (c, size + slack))  # (C, N*Hg*Wg + slack)
+        self._interior(xg, n)[...] = x
+        cols = self.ws.get("cols", (k + 1, size))  # (C*KH*KW + 1, N*Hg*Wg); last row ones
+        c4 = cols[:k].reshape(c, kh, kw, size)
+        for i in range(kh):
+            for j in range(kw):
+                off = i * wg + j
+                c4[:, i, j] = xg[:, off : off + size]
+        wb = self.ws.get("wb", (f, k + 1))  # (F, C*KH*KW + 1): [weight | bias]
+        wb[:, :k] = self.p["weight"].reshape(f, k)
+        wb[:, k] = self.p["bias"]
+        out = self.ws.get("out", (f, size))  # (F, N*Hg*Wg)
+        np.matmul(wb, cols, out=out)
+        return self._outputs(out, n)
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        n = self._grid_n
+        c, kh, kw = self.in_shape[0], *self.kernel
+        f = self.filters
+        hg, wg, slack = self._grid_dims()
+        k, size = c * kh * kw, n * hg * wg
+        dyg = self.ws.get("dyg", (f, size))  # (F, N*Hg*Wg), zero where no output is computed
+        self._outputs(dyg, n)[...] = dy
+        cols = self.ws.get("cols", (k + 1, size))
+        gwb = self.ws.get("gwb", (k + 1, f))  # (C*KH*KW + 1, F): [dL/dweight^T ; dL/dbias]
+        np.matmul(cols, dyg.T, out=gwb)  # this orientation packs faster than dyg @ cols.T
+        self.g["weight"].reshape(f, k)[...] = gwb[:k].T
+        self.g["bias"][...] = gwb[k]
+        if not need_dx:
+            return None
+        dcols = self.ws.get("dcols", (k, size))  # (C*KH*KW, N*Hg*Wg)
+        np.matmul(self.p["weight"].reshape(f, k).T, dyg, out=dcols)
+        d4 = dcols.reshape(c, kh, kw, size)
+        dxg = self.ws.get("dxg", (c, size + slack))  # (C, N*Hg*Wg + slack)
+        dxg[:, :size] = d4[:, 0, 0]  # col2im: offset (0, 0) assigns, the others add
+        dxg[:, size:] = 0
+        for i in range(kh):
+            for j in range(kw):
+                if i or j:
+                    off = i * wg + j
+                    dxg[:, off : off + size] += d4[:, i, j]
+        return self._interior(dxg, n)
+
+
 class ReLU(Layer):
     """y = max(x, 0); dx = dy where x > 0, else 0 (also at x == 0, as in PyTorch).
 
-    With `inplace` (set by the Model where the producer's output is not needed again, and the
-    dy it gets is another layer's workspace) forward overwrites x and backward overwrites dy.
-    The mask is recomputed from y in backward: y > 0 exactly where x > 0.
+    inplace (chosen by build_layers when the producer's output is its own workspace that its
+    backward never reads): forward overwrites x and backward overwrites dy. The mask is
+    recomputed from y in backward: y > 0 exactly where x > 0.
     """
 
     kind = "relu"
 
-    def __init__(self, in_shape: Shape, dtype: np.dtype = np.float32) -> None:
+    def __init__(
+        self, in_shape: Shape, dtype: np.dtype = np.float32, inplace: bool = False
+    ) -> None:
         super().__init__(in_shape, dtype)
-        self.inplace = False
+        self.inplace = inplace
+        self.owns_output = not inplace
         self._y: np.ndarray | None = None
-        self._span: np.ndarray | None = None
 
-    def forward(self, x: np.ndarray, span: np.ndarray | None = None) -> np.ndarray:
-        """span (in place only): a contiguous array holding x whose other elements may be
-        rectified too (a conv's zero-bordered input grid); one long pass instead of a strided one.
-        """
-        self._span = span if self.inplace else None
-        if self._span is not None:
-            np.maximum(span, 0, out=span)
-            self._y = x
-            return x
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
         y = x if self.inplace else self.ws.like("y", x)
         np.maximum(x, 0, out=y)
         self._y = y
         return y
 
-    def backward(
-        self, dy: np.ndarray, need_dx: bool = True, span: np.ndarray | None = None
-    ) -> np.ndarray | None:
-        """span: with a forward span, the array holding dy laid out like that span."""
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         if not need_dx:
             return None
-        if span is not None and self._span is not None:
-            mask = self.ws.get("mask", self._span.shape, np.bool_)
-            np.greater(self._span, 0, out=mask)
-            np.multiply(span, mask, out=span)
-            return dy
         mask = self.ws.like("mask", dy, np.bool_)
         np.greater(self._y, 0, out=mask)
         dx = dy if self.inplace else self.ws.like("dx", dy)
@@ -486,139 +482,14 @@ class _Pool2d(Layer):
 
 class MaxPool2d(_Pool2d):
     """y = max over each window; the gradient goes to exactly one input per window, the first
-    maximum in row-major window order (so ties never double-count).
-
-    2x2 windows with stride 2 (the common case) take a pairwise path: h = the larger of each
-    horizontal pair (the right one only if strictly larger), then y = the larger of each
-    vertical pair of h (the lower only if strictly larger) - which is exactly the first maximum
-    in row-major order - keeping the two choices as boolean masks for backward. Its buffers are
-    channel-major (C, N, ...) like the convolution grids; forward and backward accept `out`, a
-    writable view to fill instead of the layer's own buffer (the Model passes a convolution's
-    grid). Other windows compare one window offset at a time and keep a compact argmax.
+    maximum in row-major window order (so ties never double-count). Any window and stride:
+    one comparison pass per window offset, keeping a compact argmax. 2x2 windows with stride 2
+    use MaxPool2x2 instead.
     """
 
     kind = "maxpool"
 
-    def __init__(
-        self,
-        in_shape: Shape,
-        kernel: int | tuple[int, int] = 2,
-        stride: int | tuple[int, int] | None = None,
-        dtype: np.dtype = np.float32,
-    ) -> None:
-        super().__init__(in_shape, kernel, stride, dtype)
-        self.pairwise = self.kernel == (2, 2) and self.stride == (2, 2)
-        self._glayout: tuple[int, int, int] = (0, 0, 0)  # (n, hg, wg) of forward_grid's buffers
-
-    def _cm(self, name: str, shape: Shape, dtype: np.dtype | None = None) -> np.ndarray:
-        """Channel-major workspace (C, N, ...) seen as (N, C, ...)."""
-        n, c = shape[:2]
-        return self.ws.get(name, (c, n, *shape[2:]), dtype).swapaxes(0, 1)
-
-    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        if self.pairwise:
-            return self._pairwise_forward(x, out)
-        y = self._window_forward(x)
-        if out is not None:
-            out[...] = y
-            return out
-        return y
-
-    def backward(
-        self, dy: np.ndarray, need_dx: bool = True, out: np.ndarray | None = None
-    ) -> np.ndarray | None:
-        if not need_dx:
-            return None
-        if self.pairwise:
-            return self._pairwise_backward(dy, out)
-        dx = self._window_backward(dy)
-        if out is not None:
-            out[...] = dx
-            return out
-        return dx
-
-    def _pairwise_forward(self, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        n = x.shape[0]
-        c, oh, ow = self.out_shape
-        xe = x[:, :, : 2 * oh, : 2 * ow]  # rows/columns in no window are ignored
-        left, right = xe[..., 0::2], xe[..., 1::2]  # (N, C, 2*OH, OW)
-        h = self._cm("h", (n, c, 2 * oh, ow))
-        right_wins = self._cm("right", (n, c, 2 * oh, ow), np.bool_)
-        np.greater(right, left, out=right_wins)
-        np.maximum(left, right, out=h)
-        top, bottom = h[:, :, 0::2], h[:, :, 1::2]  # (N, C, OH, OW)
-        y = self._cm("y", (n, c, oh, ow)) if out is None else out
-        low_wins = self._cm("low", (n, c, oh, ow), np.bool_)
-        np.greater(bottom, top, out=low_wins)
-        np.maximum(top, bottom, out=y)
-        self._xshape = x.shape
-        return y
-
-    def _pairwise_backward(self, dy: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        n = self._xshape[0]
-        c, oh, ow = self.out_shape
-        right_wins = self._cm("right", (n, c, 2 * oh, ow), np.bool_)
-        low_wins = self._cm("low", (n, c, oh, ow), np.bool_)
-        other = self._cm("other", (n, c, 2 * oh, ow), np.bool_)  # scratch for the negations
-        dh = self._cm("dh", (n, c, 2 * oh, ow))  # dL/dh
-        high_wins = np.logical_not(low_wins, out=other[:, :, :oh])
-        np.multiply(dy, low_wins, out=dh[:, :, 1::2])
-        np.multiply(dy, high_wins, out=dh[:, :, 0::2])
-        dx = self._cm("dx", self._xshape) if out is None else out
-        dxe = dx[:, :, : 2 * oh, : 2 * ow]
-        left_wins = np.logical_not(right_wins, out=other)
-        np.multiply(dh, right_wins, out=dxe[..., 1::2])
-        np.multiply(dh, left_wins, out=dxe[..., 0::2])
-        if dx.shape[2] > 2 * oh:
-            dx[:, :, 2 * oh :] = 0
-        if dx.shape[3] > 2 * ow:
-            dx[:, :, :, 2 * ow :] = 0
-        return dx
-
-    def output_buffer(self, n: int) -> np.ndarray:
-        """The layer's own (N, C, OH, OW) channel-major output buffer."""
-        return self._cm("y", (n, *self.out_shape))
-
-    def forward_grid(self, grid: np.ndarray, n: int, hg: int, wg: int, out: np.ndarray) -> None:
-        """Pairwise pooling straight from a conv output grid (C, N*Hg*Wg), Wg even, image pixel
-        (n, a, b) at (n*Hg + a)*Wg + b: the horizontal pairs of the whole grid are one long
-        stride-2 pass. Writes y into out (N, C, OH, OW)."""
-        c, oh, ow = self.out_shape
-        half = grid.shape[1] // 2
-        h = self.ws.get("gh", (c, half))  # (C, N*Hg*Wg/2)
-        right_wins = self.ws.get("gright", (c, half), np.bool_)
-        left, right = grid[:, 0::2], grid[:, 1::2]
-        np.greater(right, left, out=right_wins)
-        np.maximum(left, right, out=h)
-        h4 = h.reshape(c, n, hg, wg // 2)
-        top, bottom = h4[:, :, 0 : 2 * oh : 2, :ow], h4[:, :, 1 : 2 * oh : 2, :ow]
-        low_wins = self.ws.get("glow", (c, n, oh, ow), np.bool_)
-        np.greater(bottom, top, out=low_wins)
-        np.maximum(top, bottom, out=out.transpose(1, 0, 2, 3))
-        if self._glayout != (n, hg, wg):  # dL/dh is zero wherever no window reads h
-            self.ws.get("gdh", (c, half))[...] = 0
-            self._glayout = (n, hg, wg)
-
-    def backward_grid(self, dy: np.ndarray, dgrid: np.ndarray) -> None:
-        """Gradient of forward_grid into the conv's output-gradient grid dgrid (C, N*Hg*Wg);
-        positions in no window get zero."""
-        c, oh, ow = self.out_shape
-        n, hg, wg = self._glayout
-        half = dgrid.shape[1] // 2
-        right_wins = self.ws.get("gright", (c, half), np.bool_)
-        low_wins = self.ws.get("glow", (c, n, oh, ow), np.bool_)
-        other = self.ws.get("gother", (c, half), np.bool_)
-        dh = self.ws.get("gdh", (c, half))
-        dh4 = dh.reshape(c, n, hg, wg // 2)
-        d = dy.transpose(1, 0, 2, 3)  # (C, N, OH, OW)
-        high_wins = np.logical_not(low_wins, out=self.ws.get("ghigh", low_wins.shape, np.bool_))
-        np.multiply(d, low_wins, out=dh4[:, :, 1 : 2 * oh : 2, :ow])
-        np.multiply(d, high_wins, out=dh4[:, :, 0 : 2 * oh : 2, :ow])
-        left_wins = np.logical_not(right_wins, out=other)
-        np.multiply(dh, right_wins, out=dgrid[:, 1::2])
-        np.multiply(dh, left_wins, out=dgrid[:, 0::2])
-
-    def _window_forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
         n = x.shape[0]
         c, oh, ow = self.out_shape
         kh, kw = self.kernel
@@ -636,7 +507,9 @@ class MaxPool2d(_Pool2d):
         self._xshape = x.shape
         return y
 
-    def _window_backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        if not need_dx:
+            return None
         kh, kw = self.kernel
         dx = self.ws.get("dx", self._xshape)
         hit = self.ws.get("hit", dy.shape, np.bool_)
@@ -660,12 +533,78 @@ class MaxPool2d(_Pool2d):
         return self.stride == self.kernel and oh * self.kernel[0] == h and ow * self.kernel[1] == w
 
 
+class MaxPool2x2(MaxPool2d):
+    """2x2 max-pool with stride 2, pairwise; the same numbers as MaxPool2d.
+
+    h = the larger of each horizontal pair (the right one only if strictly larger), then y =
+    the larger of each vertical pair of h (the lower only if strictly larger) - which is
+    exactly the first maximum in row-major order - keeping the two choices as boolean masks for
+    backward. Its buffers are channel-major (C, N, ...) like the convolution grids.
+    """
+
+    def __init__(
+        self,
+        in_shape: Shape,
+        kernel: int | tuple[int, int] = 2,
+        stride: int | tuple[int, int] | None = None,
+        dtype: np.dtype = np.float32,
+    ) -> None:
+        super().__init__(in_shape, kernel, stride, dtype)
+        if self.kernel != (2, 2) or self.stride != (2, 2):
+            raise ValueError(f"MaxPool2x2 needs a 2x2 window with stride 2, got {self.describe()}")
+
+    def _cm(self, name: str, shape: Shape, dtype: np.dtype | None = None) -> np.ndarray:
+        """Channel-major workspace (C, N, ...) seen as (N, C, ...)."""
+        n, c = shape[:2]
+        return self.ws.get(name, (c, n, *shape[2:]), dtype).swapaxes(0, 1)
+
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
+        n = x.shape[0]
+        c, oh, ow = self.out_shape
+        xe = x[:, :, : 2 * oh, : 2 * ow]  # rows/columns in no window are ignored
+        left, right = xe[..., 0::2], xe[..., 1::2]  # (N, C, 2*OH, OW)
+        h = self._cm("h", (n, c, 2 * oh, ow))
+        right_wins = self._cm("right", (n, c, 2 * oh, ow), np.bool_)
+        np.greater(right, left, out=right_wins)
+        np.maximum(left, right, out=h)
+        top, bottom = h[:, :, 0::2], h[:, :, 1::2]  # (N, C, OH, OW)
+        y = self._cm("y", (n, c, oh, ow))
+        low_wins = self._cm("low", (n, c, oh, ow), np.bool_)
+        np.greater(bottom, top, out=low_wins)
+        np.maximum(top, bottom, out=y)
+        self._xshape = x.shape
+        return y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        if not need_dx:
+            return None
+        n = self._xshape[0]
+        c, oh, ow = self.out_shape
+        right_wins = self._cm("right", (n, c, 2 * oh, ow), np.bool_)
+        low_wins = self._cm("low", (n, c, oh, ow), np.bool_)
+        other = self._cm("other", (n, c, 2 * oh, ow), np.bool_)  # scratch for the negations
+        dh = self._cm("dh", (n, c, 2 * oh, ow))  # dL/dh
+        high_wins = np.logical_not(low_wins, out=other[:, :, :oh])
+        np.multiply(dy, low_wins, out=dh[:, :, 1::2])
+        np.multiply(dy, high_wins, out=dh[:, :, 0::2])
+        dx = self._cm("dx", self._xshape)
+        dxe = dx[:, :, : 2 * oh, : 2 * ow]
+        left_wins = np.logical_not(right_wins, out=other)
+        np.multiply(dh, right_wins, out=dxe[..., 1::2])
+        np.multiply(dh, left_wins, out=dxe[..., 0::2])
+        if dx.shape[2] > 2 * oh:
+            dx[:, :, 2 * oh :] = 0
+        if dx.shape[3] > 2 * ow:
+            dx[:, :, :, 2 * ow :] = 0
+        return dx
+
+
 class AvgPool2d(_Pool2d):
     """y = mean over each window; every input in a window gets dy / (KH*KW)."""
 
     kind = "avgpool"
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
         n = x.shape[0]
         c, oh, ow = self.out_shape
         kh, kw = self.kernel
@@ -694,12 +633,13 @@ class Flatten(Layer):
     """(N, C, H, W) -> (N, C*H*W) in C, H, W order, as torch.flatten does; a view both ways."""
 
     kind = "flatten"
+    owns_output = False
 
     def __init__(self, in_shape: Shape, dtype: np.dtype = np.float32) -> None:
         super().__init__(in_shape, dtype)
         self.out_shape = (math.prod(self.in_shape),)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
         if x.flags.c_contiguous:
             return x.reshape(x.shape[0], -1)
         y = self.ws.get("y", (x.shape[0], math.prod(x.shape[1:])))  # (N, C*H*W)
@@ -732,7 +672,7 @@ class Linear(Layer):
     def flops(self) -> int:
         return 2 * self.in_features * self.out_features
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
         x2 = x.reshape(x.shape[0], self.in_features)  # (N, in)
         y = self.ws.get("y", (x.shape[0], self.out_features))  # (N, out)
         np.matmul(x2, self.p["weight"].T, out=y)

@@ -23,15 +23,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distcnn.convpool import ConvPool
 from distcnn.errors import UsageError
-from distcnn.fused import ConvPool, fits
 from distcnn.layers import (
+    EVAL,
+    TRAIN,
     AvgPool2d,
     Conv2d,
     Flatten,
+    GridConv2d,
     Layer,
     Linear,
     MaxPool2d,
+    MaxPool2x2,
+    Pass,
     ReLU,
     softmax_cross_entropy,
 )
@@ -106,40 +111,83 @@ def parse_spec(spec: str) -> list[LayerSpec]:
     return out
 
 
+def _conv(ls: LayerSpec, shape: tuple[int, ...], dtype: np.dtype) -> Conv2d:
+    """conv:F:K[:stride=S][:pad=P] as GridConv2d (stride 1, padding < kernel) or Conv2d."""
+    if len(shape) != 3:
+        raise ValueError(f"conv needs an image input, got shape {shape}")
+    pad: str | int = ls.opts.get("pad", "same")
+    if pad not in ("same", "valid"):
+        pad = _int(str(pad), ls.text, "padding")
+    filters = _int(ls.args[0], ls.text, "filter count")
+    stride = _int(ls.opts.get("stride", "1"), ls.text, "stride")
+    conv = Conv2d(shape, filters, _kernel(ls.args[1], ls.text), stride, pad, dtype)
+    if GridConv2d.fits(conv.stride, conv.pad, conv.kernel):
+        return GridConv2d(shape, filters, conv.kernel, stride, pad, dtype)
+    return conv
+
+
+def _pool(ls: LayerSpec, shape: tuple[int, ...], dtype: np.dtype) -> Layer:
+    """maxpool / avgpool; a 2x2 stride-2 max-pool as MaxPool2x2."""
+    if len(shape) != 3:
+        raise ValueError(f"pooling needs an image input, got shape {shape}")
+    k = _kernel(ls.args[0], ls.text) if ls.args else (2, 2)
+    s = _kernel(ls.opts["stride"], ls.text) if "stride" in ls.opts else None
+    if ls.kind == "avgpool":
+        return AvgPool2d(shape, k, s, dtype)
+    if k == (2, 2) and s in (None, (2, 2)):
+        return MaxPool2x2(shape, k, s, dtype)
+    return MaxPool2d(shape, k, s, dtype)
+
+
+def _convpool_run(specs: list[LayerSpec], i: int, shape: tuple[int, ...]) -> tuple[int, bool]:
+    """(spec layers, with relu) that one ConvPool layer runs from specs[i]: `conv:F:3, relu,
+    maxpool:2` or `conv:F:3, maxpool:2[, relu]` on an even-sized image; (0, False) if none."""
+    kinds = [s.kind for s in specs[i : i + 3]]
+    if kinds[:1] != ["conv"] or _kernel(specs[i].args[1], specs[i].text) != (3, 3):
+        return 0, False
+    if kinds[1:3] == ["relu", "maxpool"]:
+        run, relu, pool = 3, True, specs[i + 2]
+    elif kinds[1:2] == ["maxpool"]:
+        run, relu, pool = (
+            (3, True, specs[i + 1]) if kinds[2:3] == ["relu"] else (2, False, specs[i + 1])
+        )
+    else:
+        return 0, False
+    if not ConvPool.fits(shape, specs[i].opts, pool.args, pool.opts):
+        return 0, False
+    return run, relu
+
+
 def build_layers(
     spec: str, input_shape: tuple[int, int, int], num_classes: int, dtype: np.dtype = np.float32
 ) -> list[Layer]:
-    """Instantiate the layers of `spec` for per-sample input (C, H, W); names conv1, fc1, ..."""
+    """Instantiate the layers of `spec` for per-sample input (C, H, W); names conv1, fc1, ...
+
+    The one place where fast paths are chosen, visibly: `conv:F:3, relu, maxpool:2` on an even
+    image becomes one ConvPool layer (distcnn.convpool); other stride-1 convs are GridConv2d,
+    2x2/2 max-pools MaxPool2x2; a relu right after a layer that owns its output works in place.
+    Each gives the numbers of the plain layers in spec order (tests/test_fast_paths.py).
+    """
     specs = parse_spec(spec)
     layers: list[Layer] = []
     shape: tuple[int, ...] = tuple(input_shape)
     counts = {"conv": 0, "dense": 0}
-    for i, ls in enumerate(specs):
-        last = i == len(specs) - 1
+    i = 0
+    while i < len(specs):
+        ls = specs[i]
+        run = 1
         try:
             if ls.kind == "conv":
-                if len(shape) != 3:
-                    raise ValueError(f"conv needs an image input, got shape {shape}")
-                pad: str | int = ls.opts.get("pad", "same")
-                if pad not in ("same", "valid"):
-                    pad = _int(str(pad), ls.text, "padding")
-                layer: Layer = Conv2d(
-                    shape,
-                    _int(ls.args[0], ls.text, "filter count"),
-                    _kernel(ls.args[1], ls.text),
-                    _int(ls.opts.get("stride", "1"), ls.text, "stride"),
-                    pad,
-                    dtype,
-                )
+                layer: Layer = _conv(ls, shape, dtype)
+                fused, relu = _convpool_run(specs, i, shape)
+                if fused:
+                    layer = ConvPool(shape, int(ls.args[0]), relu, dtype)
+                    run = fused
             elif ls.kind in ("maxpool", "avgpool"):
-                if len(shape) != 3:
-                    raise ValueError(f"pooling needs an image input, got shape {shape}")
-                k = _kernel(ls.args[0], ls.text) if ls.args else (2, 2)
-                s = _kernel(ls.opts["stride"], ls.text) if "stride" in ls.opts else None
-                cls = MaxPool2d if ls.kind == "maxpool" else AvgPool2d
-                layer = cls(shape, k, s, dtype)
+                layer = _pool(ls, shape, dtype)
             elif ls.kind == "relu":
-                layer = ReLU(shape, dtype)
+                inplace = bool(layers) and layers[-1].owns_output
+                layer = ReLU(shape, dtype, inplace=inplace)
             elif ls.kind == "flatten":
                 layer = Flatten(shape, dtype)
             else:
@@ -158,9 +206,11 @@ def build_layers(
         if ls.kind in counts:
             counts[ls.kind] += 1
             layer.name = f"{_NAME_PREFIX[ls.kind]}{counts[ls.kind]}"
+        layer.spec_text = ",".join(s.text for s in specs[i : i + run])
         layers.append(layer)
         shape = layer.out_shape
-        if last and (ls.kind != "dense" or shape != (num_classes,)):
+        i += run
+        if i == len(specs) and (ls.kind != "dense" or shape != (num_classes,)):
             raise UsageError(
                 f"--model must end with a dense layer of {num_classes} outputs (the classes), "
                 f"it ends with {ls.text!r} giving {shape}: append ',dense'"
@@ -223,12 +273,10 @@ class Model:
         # Profiling only (--profile): (L, 2) seconds per layer (spec order), forward and
         # backward; None otherwise, so the normal path pays for no per-layer clock reads.
         self.layer_seconds: np.ndarray | None = None
-        self._n = 0
         # loss_and_grad runs batches bigger than this many bytes of activations in sub-batches.
         self.sub_batch_bytes = SUB_BATCH_BYTES
         self.pass_param_ratio = PASS_PARAM_RATIO
         self._grad_sum: np.ndarray | None = None
-        self._plan_execution()
 
     def views_of(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Named views into a flat buffer laid out like params (velocity, gradients, ...)."""
@@ -250,139 +298,32 @@ class Model:
                 std = math.sqrt(2.0 / fan_in)
                 view[...] = rng.standard_normal(view.shape, dtype=np.float64) * std
 
-    def _plan_execution(self) -> None:
-        """Decide the order the layers run in and which buffers they share (results unchanged).
-
-        * relu then maxpool runs as maxpool then relu: max and relu commute exactly, the
-          pooled tensor is 4x smaller, and the gradient reaches the same single input per window
-          (a window whose maximum is <= 0 passes no gradient either way);
-        * a relu whose producer is a conv, dense or pooling layer works in place, forward and
-          backward (that producer's output and the dy it gets are nobody else's);
-        * a 3x3 "same" conv on an even-sized image, then a 2x2 max-pool and any in-place relus,
-          runs as one ConvPool block (distcnn.fused) on polyphase grids;
-        * another 2x2 max-pool right after a grid conv pools straight from the conv's output
-          grid and writes its dx straight into the conv's gradient grid (the conv pads its grid
-          rows to an even width for that);
-        * a 2x2 max-pool before a grid conv writes its output into that conv's input grid, and
-          the in-place relus between them rectify the whole grid in one contiguous pass.
-        """
-        plan = list(self.layers)
-        for i in range(1, len(plan) - 1):
-            if isinstance(plan[i], ReLU) and isinstance(plan[i + 1], MaxPool2d):
-                plan[i], plan[i + 1] = plan[i + 1], plan[i]
-        for i, layer in enumerate(plan):
-            if isinstance(layer, ReLU):
-                layer.inplace = i > 0 and isinstance(
-                    plan[i - 1], (Conv2d, Linear, MaxPool2d, AvgPool2d)
-                )
-        self._plan = plan
-        self._spec_index = [
-            next(k for k, m in enumerate(self.layers) if m is layer) for layer in plan
-        ]
-        # conv index -> ConvPool block running that conv, the pool after it and the in-place
-        # relus after the pool; the pool and relu steps are then skipped.
-        self._blocks: dict[int, ConvPool] = {}
-        self._skip: dict[int, int] = {}  # skipped plan index -> the block's conv index
-        for i in range(len(plan) - 1):
-            conv, pool = plan[i], plan[i + 1]
-            if isinstance(conv, Conv2d) and isinstance(pool, MaxPool2d) and fits(conv, pool):
-                j = i + 2
-                while j < len(plan) and isinstance(plan[j], ReLU) and plan[j].inplace:
-                    j += 1
-                self._blocks[i] = ConvPool(conv, pool, relu=j > i + 2)
-                self._skip.update({r: i for r in range(i + 1, j)})
-        in_block = {id(plan[i]) for i in [*self._blocks, *self._skip]}
-        self._feeds: dict[int, Conv2d] = {}  # pool index -> the conv whose input grid it fills
-        self._on_grid: dict[int, Conv2d] = {}  # pool index -> the conv whose output it pools
-        self._span: dict[int, Conv2d] = {}  # relu index -> the conv whose whole grid it rectifies
-        for i, layer in enumerate(plan):
-            if not (isinstance(layer, MaxPool2d) and layer.pairwise) or id(layer) in in_block:
-                continue
-            j = i + 1
-            while j < len(plan) and isinstance(plan[j], ReLU) and plan[j].inplace:
-                j += 1
-            if (
-                j < len(plan)
-                and isinstance(plan[j], Conv2d)
-                and plan[j].grid
-                and id(plan[j]) not in in_block
-            ):
-                self._feeds[i] = plan[j]
-                for r in range(i + 1, j):
-                    self._span[r] = plan[j]
-            prev = plan[i - 1] if i > 0 else None
-            if isinstance(prev, Conv2d) and prev.grid:
-                prev.even_width = True
-                self._on_grid[i] = prev
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """x (N, C, H, W) -> logits (N, num_classes); a workspace reused by the next call."""
-        n = x.shape[0]
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
+        """x (N, C, H, W) -> logits (N, num_classes): each layer's forward, in order; the result
+        is a workspace reused by the next call."""
         timed = self.layer_seconds
-        for i, layer in enumerate(self._plan):
+        for i, layer in enumerate(self.layers):
             if timed is None:
-                x = self._forward_one(i, layer, x, n)
+                x = layer.forward(x, ctx)
             else:
                 t = time.perf_counter()
-                x = self._forward_one(i, layer, x, n)
-                timed[self._spec_index[i], 0] += time.perf_counter() - t
-                self._move_pool_seconds(i, 0)
-        self._n = n
+                x = layer.forward(x, ctx)
+                timed[i, 0] += time.perf_counter() - t
         return x
 
-    def _forward_one(self, i: int, layer: Layer, x: np.ndarray, n: int) -> np.ndarray:
-        """Run plan step i, letting it read from or write into a neighbour's buffers."""
-        if i in self._skip:
-            return x  # done by the ConvPool block before it
-        if i in self._blocks:
-            return self._blocks[i].forward(x)
-        feeds, conv = self._feeds.get(i), self._on_grid.get(i)
-        if conv is not None:
-            g = conv.grids()
-            out = feeds.input_buffer(n) if feeds is not None else layer.output_buffer(n)
-            layer.forward_grid(g["y"], g["n"], g["hg"], g["wg"], out)
-            return out
-        if feeds is not None:
-            return layer.forward(x, out=feeds.input_buffer(n))
-        if i in self._span:
-            return layer.forward(x, span=self._span[i].grids()["x"])
-        return layer.forward(x)
-
     def backward(self, dlogits: np.ndarray) -> None:
-        """Fill self.grads from dL/dlogits (N, num_classes), layers in reverse order."""
+        """Fill self.grads from dL/dlogits (N, num_classes): each layer's backward, in reverse
+        (the first layer computes no input gradient)."""
         d: np.ndarray | None = dlogits
         timed = self.layer_seconds
-        for i in range(len(self._plan) - 1, -1, -1):
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
             if timed is None:
-                d = self._backward_one(i, d)
+                d = layer.backward(d, need_dx=i > 0)
             else:
                 t = time.perf_counter()
-                d = self._backward_one(i, d)
-                timed[self._spec_index[i], 1] += time.perf_counter() - t
-                self._move_pool_seconds(i, 1)
-
-    def _move_pool_seconds(self, i: int, way: int) -> None:
-        """Profiling: book a ConvPool block's pool (and relu) time to its pool, not its conv."""
-        block = self._blocks.get(i)
-        if block is not None and self.layer_seconds is not None:
-            pool_index = next(j for j, c in self._skip.items() if c == i)
-            seconds = block.pool_seconds[way]
-            self.layer_seconds[self._spec_index[i], way] -= seconds
-            self.layer_seconds[self._spec_index[pool_index], way] += seconds
-
-    def _backward_one(self, i: int, d: np.ndarray | None) -> np.ndarray | None:
-        layer = self._plan[i]
-        if i in self._skip:
-            return d  # done by the ConvPool block before it
-        if i in self._blocks:
-            return self._blocks[i].backward(d, need_dx=i > 0, overwrite_dy=True)
-        conv = self._on_grid.get(i)
-        if conv is not None:
-            layer.backward_grid(d, conv.grids()["dy"])
-            return conv.grad_output_buffer(self._n)
-        if i in self._span:
-            return layer.backward(d, need_dx=True, span=self._span[i].grids()["dx"])
-        return layer.backward(d, need_dx=i > 0)
+                d = layer.backward(d, need_dx=i > 0)
+                timed[i, 1] += time.perf_counter() - t
 
     def loss_and_grad(
         self, x: np.ndarray, labels: np.ndarray, scale: float = 1.0
@@ -431,15 +372,9 @@ class Model:
         return -(-n // passes)
 
     def activation_bytes(self) -> int:
-        """Rough bytes one image keeps live during a training step: each layer's output and its
-        gradient, plus a convolution's im2col columns and their gradient."""
-        total = 0
-        for layer in self.layers:
-            out = math.prod(layer.out_shape)
-            total += 2 * out
-            if isinstance(layer, Conv2d):
-                total += 2 * math.prod(layer.param_shapes()["weight"][1:]) * out // layer.filters
-        return total * self.dtype.itemsize
+        """Rough bytes one image keeps live during a training step (Layer.live_elements: each
+        layer's output and its gradient, plus a convolution's im2col columns and theirs)."""
+        return sum(layer.live_elements() for layer in self.layers) * self.dtype.itemsize
 
     def _loss_and_grad(self, x: np.ndarray, labels: np.ndarray, scale: float) -> tuple[float, int]:
         t0 = time.perf_counter()
@@ -462,7 +397,7 @@ class Model:
         step = self.sub_batch(n) if n else 1
         loss, correct, pred = 0.0, 0, np.empty(n, dtype=np.int64)
         for s in range(0, n, step):
-            logits = self.forward(x[s : s + step])
+            logits = self.forward(x[s : s + step], EVAL)
             part_loss, part_correct, _ = softmax_cross_entropy(logits, labels[s : s + step])
             loss += part_loss
             correct += part_correct

@@ -645,7 +645,7 @@ class Supervisor:
         """One `attempt` event in the run's metrics log. It has no `step` key (the step it
         reached is `step_reached`), so a resume, which drops records past the step it resumes
         from, keeps it."""
-        rec = {"kind": "event", "event": "attempt", "time": a.end, **a.record()}
+        rec = {"kind": "event", "event": "attempt", "time": a.end, "attempt": a.n, **a.record()}
         rec["restarts"] = a.n - 1
         rec["duration"] = (a.end or a.start) - a.start
         try:

@@ -405,7 +405,7 @@ def test_profile_table(tiny_data, tmp_path, capsys):
     table = out.split("profile (rank 0): 4 steps")[1]
     for row in ("data", "forward", "backward", "comm", "optimizer", "checkpoint", "step total"):
         assert f"\n  {row} " in table, row
-    for layer in (" 1 conv1", " 4 conv2", " 8 fc1", "10 fc2"):
+    for layer in (" 1 conv1", " 2 conv2", " 6 fc1", " 8 fc2"):  # conv1+relu+maxpool: 1 ConvPool
         assert table.count(layer) == 2, layer  # forward and backward
     total = next(line for line in table.splitlines() if "step total" in line)
     assert total.endswith("100.0%")
@@ -441,9 +441,11 @@ def test_dry_run_prints_config_and_model_table(capsys):
     assert cfg["batch_size"] == 64 and cfg["dry_run"] is True
     rows = {line.split()[0]: line for line in out if line.split()}
     # hand-computed: params and forward MFLOP per 28x28 image (2 per multiply-add)
-    assert "(16, 28, 28)" in rows["conv1"] and " 160 " in rows["conv1"]
+    # conv1 and conv2 are ConvPool layers (conv 3x3 + relu + maxpool 2): pooled output shapes
+    assert "(16, 14, 14)" in rows["conv1"] and " 160 " in rows["conv1"]
+    assert "+ relu + maxpool" in rows["conv1"]
     assert f"{2 * 16 * 28 * 28 * 9 / 1e6:.3f}" in rows["conv1"]
-    assert "(32, 14, 14)" in rows["conv2"] and " 4,640 " in rows["conv2"]
+    assert "(32, 7, 7)" in rows["conv2"] and " 4,640 " in rows["conv2"]
     assert "(128,)" in rows["fc1"] and " 200,832 " in rows["fc1"]
     assert "(10,)" in rows["fc2"] and " 1,290 " in rows["fc2"]
     assert " 206,922 " in rows["total"]

@@ -1,9 +1,9 @@
-"""Fast paths of distcnn.layers and the Model's execution plan against the naive references.
+"""The fast-path layers that build_layers chooses, against the naive references.
 
-The grid convolution (stride 1), the pairwise 2x2 max-pool, in-place ReLU, relu/max-pool
-reordering and pools writing into convolution grids must give the naive numbers, including
-max-pool ties (first maximum in row-major window order), odd sizes and changing batch sizes.
-No timing here: speed lives in `python -m distcnn.bench`.
+GridConv2d (stride 1), MaxPool2x2, in-place ReLU and the fused ConvPool layer must give the
+naive numbers, including max-pool ties (first maximum in row-major window order), odd sizes and
+changing batch sizes; a whole model built with them must give what the plain layers give in
+spec order. No timing here: speed lives in `python -m distcnn.bench`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 from distcnn import naive
-from distcnn.fused import ConvPool, fits
-from distcnn.layers import Conv2d, MaxPool2d, ReLU
-from distcnn.model import REFERENCE_SPEC, Model
+from distcnn.convpool import ConvPool
+from distcnn.layers import Conv2d, GridConv2d, MaxPool2d, MaxPool2x2, ReLU
+from distcnn.model import REFERENCE_SPEC, Model, parse_spec
 
 TOL = {np.float32: {"rtol": 1e-4, "atol": 1e-5}, np.float64: {"rtol": 1e-10, "atol": 1e-10}}
 
 
-def bound_conv(in_shape, filters, kernel, padding, dtype, rng):
-    layer = Conv2d(in_shape, filters, kernel=kernel, stride=1, padding=padding, dtype=dtype)
+def bound_conv(in_shape, filters, kernel, padding, dtype, rng, cls=GridConv2d):
+    layer = cls(in_shape, filters, kernel=kernel, stride=1, padding=padding, dtype=dtype)
     params = {k: rng.standard_normal(s).astype(dtype) for k, s in layer.param_shapes().items()}
     grads = {k: np.full(s, np.nan, dtype=dtype) for k, s in layer.param_shapes().items()}
     layer.bind(params, grads)
@@ -42,7 +42,6 @@ def bound_conv(in_shape, filters, kernel, padding, dtype, rng):
 def test_grid_conv_matches_naive_across_batch_sizes(in_shape, filters, kernel, padding, dtype):
     rng = np.random.default_rng(0)
     layer, params, grads = bound_conv(in_shape, filters, kernel, padding, dtype, rng)
-    assert layer.grid
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     pad = {"same": ((kh - 1) // 2, (kw - 1) // 2), "valid": (0, 0)}.get(padding, padding)
     for n in (5, 2, 5):  # a smaller batch reuses the buffers laid out for the larger one
@@ -61,24 +60,11 @@ def test_grid_conv_matches_naive_across_batch_sizes(in_shape, filters, kernel, p
         np.testing.assert_allclose(grads["bias"], db_ref, **TOL[dtype])
 
 
-def test_grid_conv_reads_its_input_buffer_without_copy():
-    """A producer writing into input_buffer() gives the same result as passing x."""
-    rng = np.random.default_rng(1)
-    layer, params, _ = bound_conv((2, 6, 6), 3, 3, "same", np.float64, rng)
-    x = rng.standard_normal((4, 2, 6, 6))
-    buf = layer.input_buffer(4)
-    buf[...] = x
-    y = np.array(layer.forward(buf))
-    ref = naive.conv2d_forward_naive(x, params["weight"], params["bias"], (1, 1), (1, 1))
-    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(3, 2, 8, 8), (2, 3, 7, 9), (1, 1, 2, 2), (2, 2, 5, 3)])
 def test_pairwise_maxpool_matches_naive_with_ties(shape, dtype):
     rng = np.random.default_rng(2)
-    layer = MaxPool2d(shape[1:], kernel=2, dtype=dtype)
-    assert layer.pairwise
+    layer = MaxPool2x2(shape[1:], kernel=2, dtype=dtype)
     for x in (
         rng.integers(0, 3, size=shape).astype(dtype),  # many ties
         rng.standard_normal(shape).astype(dtype),
@@ -92,25 +78,11 @@ def test_pairwise_maxpool_matches_naive_with_ties(shape, dtype):
         assert np.count_nonzero(dx) == y.size  # one input per window
 
 
-def test_pairwise_maxpool_writes_into_given_buffers():
-    rng = np.random.default_rng(3)
-    x = rng.integers(0, 3, size=(2, 3, 6, 6)).astype(np.float64)
-    layer = MaxPool2d((3, 6, 6), kernel=2, dtype=np.float64)
-    out = np.full((2, 3, 3, 3), np.nan)
-    assert layer.forward(x, out=out) is out
-    np.testing.assert_array_equal(out, naive.maxpool_forward_naive(x, (2, 2), (2, 2)))
-    dy = rng.standard_normal(out.shape)
-    dx_out = np.full(x.shape, np.nan)
-    assert layer.backward(dy, out=dx_out) is dx_out
-    np.testing.assert_array_equal(dx_out, naive.maxpool_backward_naive(x, (2, 2), (2, 2), dy))
-
-
 def test_inplace_relu_overwrites_and_matches_naive():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 2, 4, 4))
     x_ref = x.copy()
-    layer = ReLU((2, 4, 4), dtype=np.float64)
-    layer.inplace = True
+    layer = ReLU((2, 4, 4), dtype=np.float64, inplace=True)
     y = layer.forward(x)
     assert y is x
     np.testing.assert_array_equal(y, naive.relu_forward_naive(x_ref))
@@ -122,16 +94,23 @@ def test_inplace_relu_overwrites_and_matches_naive():
 
 
 @pytest.mark.parametrize(
-    "spec",
-    ["conv:4:3,relu,maxpool:2,conv:6:3,relu,maxpool:2,flatten,dense:8,relu,dense",
-     "conv:3:3,relu,maxpool:3:stride=2,conv:4:3:stride=2,relu,dense",
-     "relu,maxpool:2,conv:3:3,relu,conv:2:1,maxpool:2,dense"],
+    "spec, classes",
+    [("conv:4:3,relu,maxpool:2,conv:6:3,relu,maxpool:2,flatten,dense:8,relu,dense",
+      ["ConvPool", "ConvPool", "Flatten", "Linear", "ReLU", "Linear"]),
+     ("conv:3:3,relu,maxpool:3:stride=2,conv:4:3:stride=2,relu,dense",
+      ["GridConv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "Linear"]),
+     ("relu,maxpool:2,conv:3:3,relu,conv:2:1,maxpool:2,dense",
+      ["ReLU", "MaxPool2x2", "GridConv2d", "ReLU", "GridConv2d", "MaxPool2x2", "Linear"]),
+     ("conv:4:3,maxpool:2,relu,conv:3:3,maxpool:2,dense",
+      ["ConvPool", "ConvPool", "Linear"])],
 )  # fmt: skip
-def test_model_plan_matches_the_layers_in_spec_order(spec):
-    """The reordered, in-place, buffer-sharing plan gives what running each layer in spec order
-    on fresh copies gives (forward and every gradient), with ties in the pools (zero input)."""
+def test_model_layers_match_the_plain_layers_in_spec_order(spec, classes):
+    """The layers build_layers chooses (fused, grid, pairwise, in place) give what the naive
+    layers in spec order give (forward and every gradient), with ties in the pools."""
     rng = np.random.default_rng(5)
     model = Model(spec, (1, 12, 12), 5, np.float64)
+    assert [type(layer).__name__ for layer in model.layers] == classes
+    plain = _plain_layers(spec, (1, 12, 12), 5)
     model.init_params(0)
     for n in (4, 2):
         x = rng.standard_normal((n, 1, 12, 12))
@@ -141,16 +120,40 @@ def test_model_plan_matches_the_layers_in_spec_order(spec):
         grads = model.grads.copy()
         logits = np.array(model.forward(x))
         h, cache = x, []
-        for layer in model.layers:  # spec order, through the naive references
+        for layer in plain:  # spec order, through the naive references
             cache.append(h)
             h = _naive_forward(layer, model, h)
         np.testing.assert_allclose(logits, h, rtol=1e-10, atol=1e-10)
         _, d = naive.softmax_cross_entropy_naive(h, labels)
         ref = {}
-        for layer, inp in zip(reversed(model.layers), reversed(cache), strict=True):
+        for layer, inp in zip(reversed(plain), reversed(cache), strict=True):
             d = _naive_backward(layer, model, inp, d, ref)
         for name, view in model.views_of(grads).items():
             np.testing.assert_allclose(view, ref[name], rtol=1e-8, atol=1e-10, err_msg=name)
+
+
+def _plain_layers(spec, input_shape, classes):
+    """The spec's layers one by one (kind, name, kernel, stride, pad), as the naive code needs."""
+    from types import SimpleNamespace
+
+    shape, out, counts = input_shape, [], {"conv": 0, "dense": 0}
+    for ls in parse_spec(spec):
+        kind = ls.kind
+        item = SimpleNamespace(kind=kind, name=None)
+        if kind in counts:
+            counts[kind] += 1
+            item.name = f"{'conv' if kind == 'conv' else 'fc'}{counts[kind]}"
+        if kind == "conv":
+            ref = Conv2d(shape, int(ls.args[0]), int(ls.args[1]), int(ls.opts.get("stride", 1)),
+                         ls.opts.get("pad", "same"))  # fmt: skip
+            item.stride, item.pad, shape = ref.stride, ref.pad, ref.out_shape
+        elif kind == "maxpool":
+            ref = MaxPool2d(shape, int(ls.args[0]), int(ls.opts["stride"]) if ls.opts else None)
+            item.kernel, item.stride, shape = ref.kernel, ref.stride, ref.out_shape
+        elif kind == "flatten":
+            shape = (int(np.prod(shape)),)
+        out.append(item)
+    return out
 
 
 def _naive_forward(layer, model, x):
@@ -224,10 +227,10 @@ def test_convpool_block_matches_naive(in_shape, relu, dtype):
     forward and every gradient, with pool ties (integer inputs and weights), for batch sizes
     that grow and shrink (1, 7, 3) so the grids are re-laid out."""
     rng = np.random.default_rng(6)
-    conv, params, grads = bound_conv(in_shape, 3, 3, "same", dtype, rng)
-    pool = MaxPool2d(conv.out_shape, kernel=2, dtype=dtype)
-    assert fits(conv, pool)
-    block = ConvPool(conv, pool, relu)
+    block = ConvPool(in_shape, 3, relu, dtype)
+    params = {k: rng.standard_normal(s).astype(dtype) for k, s in block.param_shapes().items()}
+    grads = {k: np.full(s, np.nan, dtype=dtype) for k, s in block.param_shapes().items()}
+    block.bind(params, grads)
     assert block.pixel_major == (in_shape[0] >= 4)  # (4P, F) output phases: long GEMMs only
     for n in (1, 7, 3):
         for ties in (True, False):
@@ -244,7 +247,7 @@ def test_convpool_block_matches_naive(in_shape, relu, dtype):
             ref = naive.relu_forward_naive(p_ref) if relu else p_ref
             np.testing.assert_allclose(y, ref, **TOL[dtype])
             dy = rng.integers(1, 5, size=y.shape).astype(dtype)
-            dx = block.backward(dy)
+            dx = block.backward(dy.copy())  # backward may use dy as scratch
             dp = naive.relu_backward_naive(p_ref, dy) if relu else dy
             dc = naive.maxpool_backward_naive(c_ref, (2, 2), (2, 2), dp)
             dx_ref, dw_ref, db_ref = naive.conv2d_backward_naive(
@@ -253,14 +256,22 @@ def test_convpool_block_matches_naive(in_shape, relu, dtype):
             np.testing.assert_allclose(dx, dx_ref, **TOL[dtype])
             np.testing.assert_allclose(grads["weight"], dw_ref, **TOL[dtype])
             np.testing.assert_allclose(grads["bias"], db_ref, **TOL[dtype])
-            assert block.backward(dy, need_dx=False) is None
+            assert block.backward(dy.copy(), need_dx=False) is None
             np.testing.assert_allclose(grads["weight"], dw_ref, **TOL[dtype])
 
 
-def test_model_uses_convpool_blocks_for_the_reference_model():
+def test_reference_model_layers_are_convpool_blocks():
     model = Model(REFERENCE_SPEC, (1, 28, 28), 10)
-    assert sorted(model._blocks) == [0, 3]  # conv1 and conv2 (plan: conv, pool, relu, ...)
-    assert all(block.relu for block in model._blocks.values())
+    kinds = [(type(layer).__name__, layer.name) for layer in model.layers]
+    assert kinds == [("ConvPool", "conv1"), ("ConvPool", "conv2"), ("Flatten", None),
+                     ("Linear", "fc1"), ("ReLU", None), ("Linear", "fc2")]  # fmt: skip
+    assert model.layers[0].relu and model.layers[1].relu and model.layers[4].inplace
+    odd = Model(REFERENCE_SPEC, (1, 27, 27), 10)  # odd image: no ConvPool
+    assert [type(layer).__name__ for layer in odd.layers][:3] == [
+        "GridConv2d",
+        "ReLU",
+        "MaxPool2x2",
+    ]
 
 
 @pytest.mark.parametrize("n", [1, 7, 64, 130])

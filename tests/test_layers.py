@@ -22,8 +22,10 @@ from distcnn.layers import (
     AvgPool2d,
     Conv2d,
     Flatten,
+    GridConv2d,
     Linear,
     MaxPool2d,
+    MaxPool2x2,
     ReLU,
     softmax_cross_entropy,
 )
@@ -115,12 +117,12 @@ LINEAR_CASES = [
 ]
 
 
-def conv_case(in_shape, filters, kernel, stride, padding, batch):
+def conv_case(in_shape, filters, kernel, stride, padding, batch, cls=Conv2d):
     k, s = _pair(kernel), _pair(stride)
     p = conv_pad(padding, k)
 
     def make(dtype):
-        return Conv2d(in_shape, filters, kernel=kernel, stride=stride, padding=padding, dtype=dtype)
+        return cls(in_shape, filters, kernel=kernel, stride=stride, padding=padding, dtype=dtype)
 
     def fwd(x, prm):
         return naive.conv2d_forward_naive(x, prm["weight"], prm["bias"], s, p)
@@ -129,7 +131,7 @@ def conv_case(in_shape, filters, kernel, stride, padding, batch):
         dx, dw, db = naive.conv2d_backward_naive(x, prm["weight"], s, p, dy)
         return dx, {"weight": dw, "bias": db}
 
-    ident = f"conv{in_shape}-f{filters}-k{kernel}-s{stride}-p{padding}-n{batch}"
+    ident = f"{cls.__name__}{in_shape}-f{filters}-k{kernel}-s{stride}-p{padding}-n{batch}"
     return pytest.param(make, fwd, bwd, in_shape, batch, rng_normal, id=ident)
 
 
@@ -140,9 +142,9 @@ def rng_normal(shape, rng, dtype):
 def pool_case(kind, in_shape, kernel, stride, batch):
     k = _pair(kernel)
     s = k if stride is None else _pair(stride)
-    cls = MaxPool2d if kind == "max" else AvgPool2d
-    nfwd = naive.maxpool_forward_naive if kind == "max" else naive.avgpool_forward_naive
-    nbwd = naive.maxpool_backward_naive if kind == "max" else naive.avgpool_backward_naive
+    cls = {"max": MaxPool2d, "max2x2": MaxPool2x2, "avg": AvgPool2d}[kind]
+    nfwd = naive.avgpool_forward_naive if kind == "avg" else naive.maxpool_forward_naive
+    nbwd = naive.avgpool_backward_naive if kind == "avg" else naive.maxpool_backward_naive
 
     def make(dtype):
         return cls(in_shape, kernel=kernel, stride=stride, dtype=dtype)
@@ -153,7 +155,7 @@ def pool_case(kind, in_shape, kernel, stride, batch):
     def bwd(x, prm, dy):
         return nbwd(x, k, s, dy), {}
 
-    gen = distinct_values if kind == "max" else rng_normal
+    gen = rng_normal if kind == "avg" else distinct_values
     ident = f"{kind}pool{in_shape}-k{kernel}-s{stride}-n{batch}"
     return pytest.param(make, fwd, bwd, in_shape, batch, gen, id=ident)
 
@@ -205,7 +207,9 @@ def flatten_case(in_shape, batch):
 
 LAYER_CASES = (
     [conv_case(*c) for c in CONV_CASES]
+    + [conv_case(*c, cls=GridConv2d) for c in CONV_CASES if c[3] == 1 and c[4] != 2]
     + [pool_case("max", *c) for c in POOL_CASES]
+    + [pool_case("max2x2", *c) for c in POOL_CASES if c[1] == 2 and c[2] is None]
     + [pool_case("avg", *c) for c in POOL_CASES]
     + [linear_case(*c) for c in LINEAR_CASES]
     + [relu_case((3, 4, 5), 2), relu_case((6,), 1)]
@@ -365,10 +369,11 @@ def test_conv_flops_count_multiply_adds():
 # Max-pool ties
 
 
-def test_maxpool_all_equal_windows_route_to_exactly_one_input():
+@pytest.mark.parametrize("cls", [MaxPool2d, MaxPool2x2])
+def test_maxpool_all_equal_windows_route_to_exactly_one_input(cls):
     """Constant input: each non-overlapping window sends its whole gradient to its first element."""
     x = np.full((2, 3, 6, 6), 0.5)  # (N, C, H, W)
-    layer = MaxPool2d((3, 6, 6), kernel=2, dtype=np.float64)
+    layer = cls((3, 6, 6), kernel=2, dtype=np.float64)
     y = layer.forward(x)
     np.testing.assert_array_equal(y, 0.5)
     dy = np.ones(y.shape)
@@ -380,12 +385,13 @@ def test_maxpool_all_equal_windows_route_to_exactly_one_input():
     np.testing.assert_array_equal(dx, naive.maxpool_backward_naive(x, (2, 2), (2, 2), dy))
 
 
+@pytest.mark.parametrize("cls", [MaxPool2d, MaxPool2x2])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_maxpool_ties_nonoverlapping_one_input_per_window(dtype):
+def test_maxpool_ties_nonoverlapping_one_input_per_window(dtype, cls):
     """Few distinct values (many ties): exactly one nonzero per window, equal to naive."""
     rng = np.random.default_rng(5)
     x = rng.integers(0, 3, size=(3, 2, 8, 9)).astype(dtype)  # (N, C, H, W); last column unused
-    layer = MaxPool2d((2, 8, 9), kernel=2, dtype=dtype)
+    layer = cls((2, 8, 9), kernel=2, dtype=dtype)
     y = layer.forward(x)
     np.testing.assert_array_equal(y, naive.maxpool_forward_naive(x, (2, 2), (2, 2)))
     dy = np.ones(y.shape, dtype=dtype)

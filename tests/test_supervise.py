@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, mpirun
 
+from distcnn import checkpoint as ckpt
 from distcnn import supervise
 
 # The fake launcher: `fake.py -n N --hostfile F python -m distcnn.train FLAGS...`. It appends
@@ -407,3 +412,234 @@ def test_sigterm_to_the_supervisor_saves_the_job_and_does_not_restart(
     assert doc["state"] == "stopped" and len(doc["attempts"]) == 1
     assert doc["attempts"][0]["outcome"] == "stopped" and doc["attempts"][0]["exit_code"] == 0
     assert "stopped by SIGTERM; not restarting" in err
+
+
+def chaos_faults(seed: int, every: int) -> list[tuple[int, int, str]]:
+    """(rank, step, mode) for attempts 0..3: a SIGKILL, a SIGKILL of rank 0 while it writes the
+    checkpoint of a step, a hang, a SIGKILL; steps random (seeded) and increasing, so each
+    attempt gets past the checkpoint the previous one resumed from."""
+    rng = random.Random(seed)
+    k1 = rng.randint(3, 9)
+    c2 = rng.choice([m for m in range(every, 20, every) if m > k1])
+    h3 = rng.randint(c2 + 1, c2 + 6)
+    k4 = rng.randint(h3 + 1, 36)
+    return [
+        (rng.randint(0, 1), k1, "kill"),
+        (0, c2, "kill-save"),
+        (rng.randint(0, 1), h3, "hang"),
+        (rng.randint(0, 1), k4, "kill"),
+    ]
+
+
+def step_records(log: Path) -> list[tuple]:
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    return [(r["step"], r["loss"], r["accuracy"], r["lr"]) for r in recs if r["kind"] == "step"]
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_chaos_run_heals_itself_and_matches_an_uninterrupted_run(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """#12 §4: 2 ranks, --deterministic, under the real supervisor and mpirun; ranks SIGKILLed
+    at three random steps (once while rank 0 writes a checkpoint) and once hung (watchdog)."""
+    every, total = 4, 40  # 100 images / batch 10 = 10 steps per epoch, 4 epochs
+    train = ["--data", str(tiny_data), "--model", TINY, "--batch-size", "10", "--epochs", "4"]
+    train += ["--checkpoint-every", str(every), "--deterministic", "--log-every", "1"]
+    train += ["--collective-timeout", "3"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [
+            mpirun(),
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "distcnn.train",
+            *train,
+            "--checkpoint-dir",
+            str(ref),
+            "--log",
+            str(ref / "metrics.jsonl"),
+        ],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    t_ref = time.perf_counter() - t0
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    faults = chaos_faults(seed=12, every=every)
+    spec = ",".join(f"{rank}:{step}:{mode}@{n}" for n, (rank, step, mode) in enumerate(faults))
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        supervise_cmd(
+            ["-n", "2", "--max-restarts", "4", "--backoff", "0.05"],
+            [*train, "--checkpoint-dir", str(run), "--log", str(run / "metrics.jsonl")],
+        ),
+        env=job_env(DISTCNN_FAULT=spec),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    t_sup = time.perf_counter() - t0
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+
+    # bitwise the uninterrupted run's parameters and momentum, and the same logged losses
+    final = ckpt.file_name(total)
+    a, b = ckpt.load(run / final), ckpt.load(ref / final)
+    for name in b.params:
+        assert np.array_equal(a.params[name], b.params[name]), name
+        assert np.array_equal(a.velocity[name], b.velocity[name]), name
+    assert step_records(run / "metrics.jsonl") == step_records(ref / "metrics.jsonl")
+
+    doc = json.loads((run / "supervisor.json").read_text())
+    attempts = doc["attempts"]
+    assert doc["state"] == "done" and doc["restarts"] == 4 and doc["budget_used"] == 4
+    assert [x["outcome"] for x in attempts] == ["crashed", "crashed", "timeout", "crashed", "done"]
+    (k1r, k1, _), (_, c2, _), (h3r, h3, _), (k4r, k4, _) = faults
+    # the step each attempt reached, and where the next one resumed: nothing lost beyond the
+    # checkpoint interval (the save of step c2 was killed, so that attempt loses `every` steps)
+    assert [x["step_reached"] for x in attempts] == [k1 - 1, c2, h3 - 1, k4 - 1, total]
+    expect_resume = [
+        None,
+        (k1 - 1) // every * every,
+        c2 - every,
+        (h3 - 1) // every * every,
+        (k4 - 1) // every * every,
+    ]
+    assert [x["resumed_from"] for x in attempts] == expect_resume
+    for prev, nxt in zip(attempts, attempts[1:], strict=False):
+        assert prev["step_reached"] - nxt["resumed_from"] <= every
+    assert f"removed {run / ckpt.file_name(c2)}{ckpt.TMP_SUFFIX}, left by an interrupted" in out
+    assert attempts[2]["failing_rank"] == h3r  # named by the watchdog
+    here = socket.gethostname().split(".")[0]
+    assert all(x["failing_host"].split(".")[0] == here for x in attempts[:4])
+    if "ranks:" in r.stdout:  # the rank table maps the killed PID to its rank
+        assert [attempts[i]["failing_rank"] for i in (0, 1, 3)] == [k1r, 0, k4r]
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    events = [e for e in events if e["kind"] == "event"]
+    assert [(e["attempt"], e["outcome"]) for e in events] == [
+        (x["n"], x["outcome"]) for x in attempts
+    ]
+    status = run / "status.json"
+    if status.exists():  # written by the trainer from DISTCNN_RESTARTS
+        assert json.loads(status.read_text())["restarts"] == 4
+    print(
+        f"chaos run: uninterrupted {t_ref:.1f} s, supervised {t_sup:.1f} s with 4 restarts "
+        f"(one 3 s watchdog wait): {(t_sup - t_ref) / 4:.1f} s per restart"
+    )
+
+
+def test_fault_lists_apply_per_rank_and_attempt(monkeypatch) -> None:
+    from distcnn import faults
+
+    monkeypatch.setenv("DISTCNN_FAULT", "1:6:kill@0, 0:12:kill-save@1,1:15:hang@2,0:3:nan@0")
+    monkeypatch.delenv("DISTCNN_RESTARTS", raising=False)
+    assert (faults.fault_from_env(0), faults.fault_from_env(1)) == ((3, "nan"), (6, "kill"))
+    monkeypatch.setenv("DISTCNN_RESTARTS", "1")
+    # kill-save is carried out by checkpoint.save, not before a step
+    assert (faults.fault_from_env(0), faults.fault_from_env(1)) == (None, None)
+    monkeypatch.setenv("DISTCNN_RESTARTS", "2")
+    assert faults.fault_from_env(1) == (15, "hang")
+    faults.during_save(12)  # not attempt 1: nothing happens
+    monkeypatch.setenv("DISTCNN_FAULT", "1:6:exit")  # unqualified: every attempt
+    assert faults.fault_from_env(1) == (6, "exit")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("1:6", "DISTCNN_FAULT='1:6' is malformed; use <rank>:<step>:<raise|exit|hang|nan|kill"),
+        ("1:6:boom", "DISTCNN_FAULT mode 'boom' is unknown; use one of raise, exit, hang, nan"),
+        ("1:6:kill@x", "DISTCNN_FAULT='1:6:kill@x' is malformed"),
+        ("1:0:kill", "DISTCNN_FAULT entry '1:0:kill': rank and attempt must be >= 0, step >= 1"),
+        ("1:6:kill-save", "DISTCNN_FAULT entry '1:6:kill-save': kill-save applies to rank 0"),
+        (
+            "1:6:kill,1:9:exit@2",
+            "DISTCNN_FAULT='1:6:kill,1:9:exit@2' gives rank 1 two faults in one attempt; give one",
+        ),
+    ],
+)
+def test_bad_fault_specs_are_refused(spec: str, message: str, monkeypatch) -> None:
+    from distcnn import faults
+
+    monkeypatch.setenv("DISTCNN_FAULT", spec)
+    with pytest.raises(supervise.UsageError) as e:
+        faults.fault_from_env(0)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# srun [options] -N nodes -n N -w hosts CMD...: runs CMD as N ranks under mpirun
+n=1
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -n) n=$2; shift 2 ;;
+        -N | -w) echo "srun $1 $2" >>"$FAKE_LOG"; shift 2 ;;
+        -*) shift ;;
+        *) break ;;
+    esac
+done
+exec "$MPIRUN" -n "$n" "$@"
+"""
+
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
+case $1 in
+    show) echo nodeA ;;
+    requeue) echo "requeue $2" >>"$FAKE_LOG" ;;
+esac
+"""
+
+
+@pytest.mark.mpi
+def test_slurm_script_stops_the_supervised_job_at_the_time_limit_and_requeues(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """launch/slurm.sbatch with stand-ins for srun and scontrol: the time-limit warning (USR1 to
+    the batch script) reaches the supervisor, the job saves and the script requeues it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log, run = tmp_path / "fake.log", tmp_path / "run"
+    env = job_env(
+        PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        FAKE_LOG=str(log),
+        MPIRUN=mpirun(),
+        CKPT_DIR=str(run),
+        TMPDIR=str(tmp_path),
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NODELIST="nodeA",
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="2(x1)",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+    )
+    train = ["--data", str(tiny_data), "--model", TINY, "--batch-size", "10", "--epochs", "5000"]
+    p = subprocess.Popen(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), *train, "--log-every", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= 3:
+            break
+    p.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@180 sends near the time limit
+    rest, err = p.communicate(timeout=60)
+    out = "".join(seen) + rest
+    assert p.returncode == 0, out + err
+    assert "preempted (SIGTERM on rank 0): stopped at step" in out, out + err
+    assert (tmp_path / "distcnn-77.hosts").read_text() == "nodeA:2\n"
+    assert log.read_text().splitlines() == ["srun -N 1", "srun -w nodeA", "requeue 77"]
+    doc = json.loads((run / "supervisor.json").read_text())
+    assert doc["state"] == "stopped" and len(doc["attempts"]) == 1

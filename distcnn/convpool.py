@@ -1,8 +1,12 @@
-"""A 3x3 "same" convolution followed by a 2x2 max-pool (and optionally relu), on polyphase grids.
+"""ConvPool: a 3x3 "same" convolution, a 2x2 max-pool and optionally a relu, as one layer on
+polyphase grids.
 
-The Model replaces conv -> maxpool:2 [-> relu] by one ConvPool block when the conv is 3x3, stride
-1, padding 1 and the image height and width are even (the reference model's two blocks). It uses
-the Conv2d's and MaxPool2d's parameters and gradients, and gives the same numbers they do.
+build_layers (distcnn.model) maps the spec's `conv:F:3, relu, maxpool:2` (or `conv:F:3,
+maxpool:2[, relu]`) to one ConvPool layer when the image height and width are even (the
+reference model's two blocks). It has the conv's parameters (conv1.weight, conv1.bias) and gives
+the numbers that Conv2d, ReLU and MaxPool2d give in spec order: max-pool and relu commute exactly
+(the relu is applied to the 4x smaller pooled tensor, and a window whose maximum is <= 0 passes
+no gradient either way).
 
 Why: a 2x2 pool over an ordinary layout needs stride-2 passes, which NumPy runs several times
 slower per element than contiguous ones. Here the conv output is computed directly split into
@@ -28,11 +32,11 @@ Ties in the pool go to the first maximum in row-major window order, as in MaxPoo
 
 from __future__ import annotations
 
-import time
+import math
 
 import numpy as np
 
-from distcnn.layers import Conv2d, MaxPool2d, Workspace
+from distcnn.layers import TRAIN, Layer, Pass, Shape
 
 # GEMMs with a short inner dimension (conv1: 9 taps + bias) run in column blocks of about this
 # many bytes of [columns; outputs]: OpenBLAS (1 thread) then takes 0.27 instead of 0.42-0.51 ms
@@ -50,34 +54,44 @@ def column_blocks(k: int, f: int, m: int, itemsize: int) -> list[tuple[int, int]
     return [(a, min(m, a + step)) for a in range(0, m, step)]
 
 
-def fits(conv: Conv2d, pool: MaxPool2d) -> bool:
-    """True when conv -> pool can run as a ConvPool block."""
-    _, h, w = conv.in_shape
-    return (
-        conv.kernel == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.pad == (1, 1)
-        and h % 2 == 0
-        and w % 2 == 0
-        and pool.pairwise
-    )
-
-
-class ConvPool:
+class ConvPool(Layer):
     """conv (3x3, stride 1, pad 1) -> 2x2/2 max-pool [-> relu] on polyphase grids.
 
-    forward(x (N, C, H, W)) -> (N, F, H/2, W/2), a view of a workspace;
-    backward(dy, need_dx, overwrite_dy) -> dx (N, C, H, W) or None, overwriting the conv's
-    gradients.
-    `pool_seconds` holds the seconds the last forward and backward spent in the pool and relu.
+    weight (F, C, 3, 3), bias (F,) as Conv2d. forward(x (N, C, H, W)) -> (N, F, H/2, W/2), a
+    view of a workspace; backward(dy) -> dx (N, C, H, W), overwriting the conv's gradients (and
+    dy, where it can be used as scratch).
     """
 
-    def __init__(self, conv: Conv2d, pool: MaxPool2d, relu: bool) -> None:
-        assert fits(conv, pool)
-        self.conv, self.pool, self.relu = conv, pool, relu
-        self.ws = Workspace(conv.dtype)
+    kind = "convpool"
+
+    @staticmethod
+    def fits(in_shape: Shape, conv_opts: dict[str, str], pool_args: tuple[str, ...],
+             pool_opts: dict[str, str]) -> bool:  # fmt: skip
+        """True for a 3x3 same conv (stride 1) on an even-sized image then a 2x2/2 max-pool."""
+        return (
+            len(in_shape) == 3
+            and in_shape[1] % 2 == 0
+            and in_shape[2] % 2 == 0
+            and conv_opts.get("stride", "1") == "1"
+            and conv_opts.get("pad", "same") in ("same", "1")
+            and pool_args in ((), ("2",), ("2x2",))
+            and pool_opts.get("stride", "2") in ("2", "2x2")
+        )
+
+    def __init__(
+        self, in_shape: Shape, filters: int, relu: bool, dtype: np.dtype = np.float32
+    ) -> None:
+        super().__init__(in_shape, dtype)
+        c, h, w = self.in_shape
+        if h % 2 or w % 2:
+            raise ValueError(f"ConvPool needs an even image size, got {h}x{w}")
+        self.filters = int(filters)
+        if self.filters < 1:
+            raise ValueError(f"conv filters must be >= 1, got {filters}")
+        self.kernel, self.stride, self.pad = (3, 3), (1, 1), (1, 1)
+        self.relu = relu
+        self.out_shape = (self.filters, h // 2, w // 2)
         self._n = -1
-        self.pool_seconds = [0.0, 0.0]
         self._tap_list = self._taps()
         # col2im order: for each input phase an unshifted tap first, which assigns the phase's
         # interior instead of adding to it, so dxp needs no zero fill (its ends only ever
@@ -94,18 +108,35 @@ class ConvPool:
         # Long inner dimension (one GEMM): the output phases are laid out pixel-major, (4P, F),
         # which OpenBLAS writes 1.3x faster than (F, 4P) (conv2 at batch 64: 1.15 vs 1.5 ms);
         # the pool runs on (P, F) planes and the block's output is NHWC memory.
-        self.pixel_major = 9 * conv.in_shape[0] + 1 > SHORT_K
+        self.pixel_major = 9 * c + 1 > SHORT_K
+
+    def param_shapes(self) -> dict[str, Shape]:
+        return {"weight": (self.filters, self.in_shape[0], 3, 3), "bias": (self.filters,)}
+
+    def flops(self) -> int:
+        _, h, w = self.in_shape
+        return 2 * self.filters * h * w * self.in_shape[0] * 9
+
+    def live_elements(self) -> int:
+        """What conv, relu and pool keep live in spec order: the conv output (and relu's, when
+        there is one), the im2col columns, the pooled output, each with its gradient."""
+        c, h, w = self.in_shape
+        conv_out = self.filters * h * w
+        return 2 * (conv_out * (2 if self.relu else 1) + 9 * c * h * w + math.prod(self.out_shape))
+
+    def describe(self) -> str:
+        return "conv 3x3/1 pad 1" + (" + relu" if self.relu else "") + " + maxpool 2x2/2"
 
     def _dims(self, n: int) -> tuple[int, int, int, int]:
         """(H/2, W/2, P, E)."""
-        _, h, w = self.conv.in_shape
+        _, h, w = self.in_shape
         return h // 2, w // 2, n * (h // 2) * (w // 2), w // 2 + 1
 
     def _layout(self, n: int) -> None:
         """Zero the ends of the phase grids and set the bias row for batch n."""
         if n == self._n:
             return
-        c = self.conv.in_shape[0]
+        c = self.in_shape[0]
         _, _, p, e = self._dims(n)
         self.ws.get("xp", (4, c, p + 2 * e))[...] = 0
         self.ws.get("dxp", (4, c, p + 2 * e))[...] = 0
@@ -137,7 +168,7 @@ class ConvPool:
 
     def _zero_wrapped(self, cols: np.ndarray, n: int) -> None:
         """Zero the entries of cols (9C[+1], 4P) whose shifted read wrapped past an image edge."""
-        c = self.conv.in_shape[0]
+        c = self.in_shape[0]
         h2, w2, _, _ = self._dims(n)
         g = cols[: 9 * c].reshape(c, 3, 3, 4, n, h2, w2)  # [c, i, j, phase, n, a, b]
         g[:, 0, :, 0:2, :, 0, :] = 0  # pr = 0, i = 0: du = -1 at row 0
@@ -147,7 +178,7 @@ class ConvPool:
 
     def _im2col(self, n: int) -> np.ndarray:
         """The columns (9C + 1, 4P) of the phase grids xp, last row ones."""
-        c = self.conv.in_shape[0]
+        c = self.in_shape[0]
         k = 9 * c
         _, _, p, e = self._dims(n)
         xp = self._get("xp", (4, c, p + 2 * e))
@@ -159,11 +190,10 @@ class ConvPool:
         self._cols_valid = True
         return cols
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        conv = self.conv
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
         n = x.shape[0]
-        c, h, w = conv.in_shape
-        f, k = conv.filters, 9 * c
+        c, h, w = self.in_shape
+        f, k = self.filters, 9 * c
         h2, w2, p, e = self._dims(n)
         self._layout(n)
         xp = self._get("xp", (4, c, p + 2 * e))
@@ -173,8 +203,8 @@ class ConvPool:
             xp[s, :, e : e + p].reshape(c, n, h2, w2)[...] = xt[:, :, sr::2, sc::2]
         cols = self._im2col(n)
         wb = self._get("wb", (f, k + 1))  # [weight | bias]
-        wb[:, :k] = conv.p["weight"].reshape(f, k)
-        wb[:, k] = conv.p["bias"]
+        wb[:, :k] = self.p["weight"].reshape(f, k)
+        wb[:, k] = self.p["bias"]
         plane = (p, f) if self.pixel_major else (f, p)
         o = self._get("o", (4 * p, f) if self.pixel_major else (f, 4 * p))
         if self.pixel_major:  # one GEMM, written as (4P, F)
@@ -182,7 +212,6 @@ class ConvPool:
         else:
             for lo, hi in column_blocks(k + 1, f, 4 * p, o.itemsize):
                 np.matmul(wb, cols[:, lo:hi], out=o[:, lo:hi])
-        t = time.perf_counter()
         o0, o1, o2, o3 = self._phases(o, f, p)
         right_top = self._get("rt", plane, np.bool_)
         right_bottom = self._get("rb", plane, np.bool_)
@@ -197,7 +226,6 @@ class ConvPool:
         np.maximum(top, y, out=y)
         if self.relu:
             np.maximum(y, 0, out=y)
-        self.pool_seconds[0] = time.perf_counter() - t
         if self.pixel_major:
             return y.reshape(n, h2, w2, f).transpose(0, 3, 1, 2)
         return y.reshape(f, n, h2, w2).transpose(1, 0, 2, 3)
@@ -210,21 +238,16 @@ class ConvPool:
         o4 = o.reshape(f, 4, p)
         return [o4[:, q] for q in range(4)]
 
-    def backward(
-        self, dy: np.ndarray, need_dx: bool = True, overwrite_dy: bool = False
-    ) -> np.ndarray | None:
-        """overwrite_dy: dy is scratch the block may use (the Model passes its workspaces)."""
-        conv = self.conv
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         n = self._n
-        c, h, w = conv.in_shape
-        f, k = conv.filters, 9 * c
+        c, h, w = self.in_shape
+        f, k = self.filters, 9 * c
         h2, w2, p, e = self._dims(n)
-        t = time.perf_counter()
         pm = self.pixel_major
         plane = (p, f) if pm else (f, p)
         order = (0, 2, 3, 1) if pm else (1, 0, 2, 3)  # dy (N, F, H/2, W/2) -> the plane's order
         d = dy.transpose(order).reshape(plane)  # dL/dy: a view when dy allows
-        if not (overwrite_dy and d.flags.writeable and np.shares_memory(d, dy)):
+        if not (d.flags.writeable and np.shares_memory(d, dy)):
             d = self._get("d", plane)
             d.reshape(dy.transpose(order).shape)[...] = dy.transpose(order)
         if self.relu:
@@ -244,7 +267,6 @@ class ConvPool:
         np.subtract(bottom, g3, out=g2)
         np.multiply(d, self._get("rt", plane, np.bool_), out=g1)
         np.subtract(d, g1, out=g0)
-        self.pool_seconds[1] = time.perf_counter() - t
         dyg2 = dyg.T if pm else dyg  # (F, 4P)
         # The column gradient overwrites the columns (less memory traffic), so a second
         # backward after one forward rebuilds them.
@@ -255,13 +277,13 @@ class ConvPool:
             np.matmul(cols[:, lo:hi], dyg2[:, lo:hi].T, out=part if idx else gwb)
             if idx:
                 gwb += part
-        conv.g["weight"].reshape(f, k)[...] = gwb[:k].T
-        conv.g["bias"][...] = gwb[k]
+        self.g["weight"].reshape(f, k)[...] = gwb[:k].T
+        self.g["bias"][...] = gwb[k]
         if not need_dx:
             return None
         dcols = cols[:k]  # the columns are spent: their buffer takes their gradient
         self._cols_valid = False
-        np.matmul(conv.p["weight"].reshape(f, k).T, dyg2, out=dcols)
+        np.matmul(self.p["weight"].reshape(f, k).T, dyg2, out=dcols)
         self._zero_wrapped(dcols, n)
         d5 = dcols.reshape(c, 3, 3, 4, p)
         dxp = self._get("dxp", (4, c, p + 2 * e))
