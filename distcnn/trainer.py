@@ -27,7 +27,7 @@ from distcnn import signals
 from distcnn.comm import Comm
 from distcnn.config import Config
 from distcnn.errors import UsageError
-from distcnn.faults import fault_from_env, inject_fault
+from distcnn.faults import fault_from_env, inject_fault, slow_from_env
 from distcnn.metrics import Console, LogWindow, Metrics, Phases
 from distcnn.model import REFERENCE_SPEC, Model
 from distcnn.optim import SGD, learning_rate
@@ -36,12 +36,15 @@ from distcnn.rundir import RunDir, new_run_id
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
 from distcnn.saver import SaveFailed, Saver
 from distcnn.status import StatusFile
+from distcnn.stragglers import PERSIST, StragglerWatch
+from distcnn.stragglers import describe as describe_straggler
 
 __all__ = ["Console", "SaveFailed", "TrainState", "Trainer", "evaluate_split"]
 
 # Slots after the gradient in the reduce buffer: loss sum, correct, stop flag (a signal reached
-# a rank), interrupt flag (that signal was SIGINT).
-EXTRA = 4
+# a rank), interrupt flag (that signal was SIGINT), then one per rank: its compute seconds per
+# step at the end of a straggler window (stragglers.py), 0 otherwise.
+EXTRA = 4  # plus the world size
 DET_SHARDS = 8  # --deterministic: micro-shards per global batch (a multiple of 4)
 
 
@@ -122,7 +125,7 @@ class Trainer:
             self.train.image_shape,
             self.train.num_classes,
             np.float32,
-            grad_extra=EXTRA,
+            grad_extra=EXTRA + comm.size,
             grad_alloc=comm.reduce_buffer,  # MPI: in shared memory when ranks share a node
         )
         self.n_params = self.model.num_params
@@ -137,6 +140,11 @@ class Trainer:
         self.stop_request = signals.STOP  # train.main installs its handlers first thing
         self.interrupted = False  # the agreed stop came from SIGINT on some rank
         self.fault = fault_from_env(comm.rank)
+        self.slow = slow_from_env(comm.rank)  # DISTCNN_SLOW: seconds of delay per step
+        self.stragglers = StragglerWatch(
+            comm.rank, comm.size, cfg.straggler_every, cfg.straggler_margin
+        )
+        self.straggler_records: list[dict[str, Any]] = []  # of the last step
         self.bad_in_row = 0  # non-finite steps in a row
         self.steps_per_epoch = steps_per_epoch(len(self.train), cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -229,6 +237,8 @@ class Trainer:
             self._open_run_files()
         self.comm.bcast(self.model.params, 0, "initial parameters")
         self.comm.bcast(self.opt.velocity, 0, "optimizer state")
+        if self.comm.size > 1:  # MPI: for naming stragglers
+            self.stragglers.hosts = self.comm.gather_objects(socket.gethostname(), "host names")
 
     def _open_run_files(self) -> None:
         st = self.state
@@ -286,16 +296,17 @@ class Trainer:
         n = len(batch)
         t = time.perf_counter()
         fwd0, bwd0, comm0 = model.seconds["forward"], model.seconds["backward"], comm.comm_seconds
-        red[P + 2] = 1.0 if self.stop_request.requested else 0.0
-        red[P + 3] = 1.0 if self.stop_request.interrupted else 0.0
+        if self.slow:
+            time.sleep(self.slow)
         if cfg.deterministic:
-            self._deterministic_grads(batch)
+            self._deterministic_grads(batch, t)
         else:
             lo, hi = shard_bounds(n, comm.size, comm.rank)
             x = self.train.batch(batch[lo:hi], out=self.xbuf)
             labels = self.train.labels[batch[lo:hi]]
             loss, correct = model.loss_and_grad(x, labels, scale=1.0 / n)
             red[P], red[P + 1] = loss, correct
+            self._control_slots(red, t)
             self._maybe_inject_nan(red)
             # MPI: the sum may land in a shared read-only array (Comm.allreduce_sum_view); it is
             # read below, before the next collective
@@ -319,7 +330,19 @@ class Trainer:
             self.opt.step(grads, self.lr_at(self.state.step), scale)
         self.phases.add("optimizer", t)
         self.interrupted = bool(red[P + 3] > 0)
+        self.straggler_records = self.stragglers.window(self.state.step + 1, red[P + EXTRA :])
         return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0), finite
+
+    def _control_slots(self, buf: np.ndarray, t0: float) -> None:
+        """This rank's slots after loss and correct, just before the step's collective: stop
+        and interrupt flags, and its compute time at the end of a straggler window."""
+        P = self.n_params
+        buf[P + 2] = 1.0 if self.stop_request.requested else 0.0
+        buf[P + 3] = 1.0 if self.stop_request.interrupted else 0.0
+        self.stragglers.add(time.perf_counter() - t0)
+        times = buf[P + EXTRA :]
+        times[:] = 0.0
+        times[self.comm.rank] = self.stragglers.slot_value(self.state.step + 1)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the step after `step` steps done."""
@@ -331,7 +354,7 @@ class Trainer:
         if self.fault == (self.state.step + 1, "nan"):
             buf[0] = np.nan
 
-    def _deterministic_grads(self, batch: np.ndarray) -> None:
+    def _deterministic_grads(self, batch: np.ndarray, t0: float) -> None:
         """Gradient sums of DET_SHARDS fixed micro-shards, added as a fixed binary tree.
 
         This rank owns a power-of-two aligned run of leaves, so its partial sum is a subtree of
@@ -358,14 +381,14 @@ class Trainer:
                 buf, level = left, level + 1
             stack.append((level, buf))
         ((_, mine),) = stack
-        mine[P + 2 : P + 4] = self.red[P + 2 : P + 4]  # this rank's stop and interrupt flags
+        self._control_slots(mine, t0)  # this rank's flags and straggler slot, not summed above
         self._maybe_inject_nan(mine)
         comm.allgather(mine, self.gathered, f"deterministic allgather, step {self.state.step + 1}")
         parts = list(self.gathered)
         while len(parts) > 1:
             parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
         self.red[...] = parts[0]
-        self.red[P + 2 : P + 4] = self.gathered[:, P + 2 : P + 4].sum(axis=0)
+        self.red[P + 2 :] = self.gathered[:, P + 2 :].sum(axis=0)  # flags and slots: one each
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -433,6 +456,7 @@ class Trainer:
                 self._set_status("failed", message=f"{self.bad_in_row} non-finite steps in a row")
                 return 1
             last = st.step >= self.total_steps or stop
+            self._report_stragglers()
             self._log_step(last)
             if st.offset >= n_train:
                 self._end_of_epoch()
@@ -466,6 +490,14 @@ class Trainer:
             return False
         self.bad_in_row += 1
         return self._non_finite_step(self.bad_in_row)
+
+    def _report_stragglers(self) -> None:
+        """Rank 0: a warning and a metrics record per straggler (every rank has the same)."""
+        for rec in self.straggler_records:
+            rec = {"time": time.time(), "epoch": self.state.epoch, **rec}
+            self.console.record(rec)
+            if rec["windows"] == PERSIST:  # once per episode on the console
+                self.progress.warn(f"warning: {describe_straggler(rec)}")
 
     def _log_step(self, last: bool) -> None:
         """The step record (every --log-every steps and at the last) and the progress line."""
