@@ -57,7 +57,10 @@ class LogWindow:
         self.loss_sum += loss
         self.acc_sum += acc
         self.steps += 1
-        self.epoch_sums += (loss * images, acc * images, images)
+        e = self.epoch_sums
+        e[0] += loss * images
+        e[1] += acc * images
+        e[2] += images
 
     def restart(self, step: int) -> None:
         self.start, self.loss_sum, self.acc_sum, self.steps = step, 0.0, 0.0, 0

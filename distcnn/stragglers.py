@@ -44,9 +44,9 @@ class StragglerWatch:
     def window(self, step: int, slots: np.ndarray) -> list[dict[str, Any]]:
         """At the end of a window (every rank the same slots): one record per straggler that has
         lasted PERSIST windows or more. Starts the next window."""
-        self.seconds, self.steps = 0.0, 0
         if self.size == 1 or step % self.every:
             return []
+        self.seconds, self.steps = 0.0, 0
         times = np.asarray(slots, dtype=np.float64)
         median = float(np.median(times))
         slow = (times > median * (1.0 + self.margin)) & (times - median > MIN_EXCESS)

@@ -110,6 +110,12 @@ class Trainer:
         self.train = datamod.load_split(data_path, "train")
         self.val = self._validation_split(data_path)
         self.test = self._optional_split(data_path, "test")
+        for name, split in (("val", self.val), ("test", self.test)):
+            if split is not None and split.image_shape != self.train.image_shape:
+                raise UsageError(
+                    f"--data {data_path}: the {name} split's images are {split.image_shape} but "
+                    f"train's are {self.train.image_shape}; rebuild the file with one image shape"
+                )
         if cfg.batch_size < comm.size:
             raise UsageError(
                 f"--batch-size {cfg.batch_size} is smaller than the {comm.size} ranks; "
@@ -145,6 +151,7 @@ class Trainer:
             comm.rank, comm.size, cfg.straggler_every, cfg.straggler_margin
         )
         self.straggler_records: list[dict[str, Any]] = []  # of the last step
+        self._slots_dirty = True  # the reduce buffer's straggler slots need clearing
         self.bad_in_row = 0  # non-finite steps in a row
         self.steps_per_epoch = steps_per_epoch(len(self.train), cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -211,6 +218,7 @@ class Trainer:
         """Fill parameters and state on rank 0 (from the seed or the checkpoint); no collective
         here, so a setup error on one rank cannot strand the others: see start()."""
         if resume is not None:
+            self._check_same_train_split(resume, str(path))
             log = LogWindow.from_saved(resume.extra.get("log_state"), resume.step)
             self.state = TrainState(resume.step, resume.epoch, resume.offset, resume.best_val, log)
         if self.comm.rank != 0:
@@ -228,6 +236,25 @@ class Trainer:
         for name, view in self.model.param_views.items():
             view[...] = resume.params[name]
             self.velocity_views[name][...] = resume.velocity[name]
+
+    def _check_same_train_split(self, resume: ckpt.Checkpoint, path: str) -> None:
+        """The data order and the position in it only mean the same thing on the same training
+        split: refuse another size (another dataset or --val-fraction) before any work."""
+        n, saved = len(self.train), resume.extra.get("train_size")
+        fix = (
+            "resume with the dataset and --val-fraction it was trained with, or start a new run "
+            "in another --checkpoint-dir"
+        )
+        if isinstance(saved, int) and saved != n:
+            raise UsageError(
+                f"checkpoint {path} was trained on {saved} training samples, this run has {n} "
+                f"(--val-fraction {self.cfg.val_fraction}); {fix}"
+            )
+        if resume.offset > n:
+            raise UsageError(
+                f"checkpoint {path} stopped at sample {resume.offset} of its epoch, past the {n} "
+                f"training samples of this run (--val-fraction {self.cfg.val_fraction}); {fix}"
+            )
 
     def start(self) -> None:
         """Rank 0 continues the metrics log and writes run.json; MPI: rank 0's parameters and
@@ -336,13 +363,19 @@ class Trainer:
     def _control_slots(self, buf: np.ndarray, t0: float) -> None:
         """This rank's slots after loss and correct, just before the step's collective: stop
         and interrupt flags, and its compute time at the end of a straggler window."""
-        P = self.n_params
+        P, w = self.n_params, self.stragglers
         buf[P + 2] = 1.0 if self.stop_request.requested else 0.0
         buf[P + 3] = 1.0 if self.stop_request.interrupted else 0.0
-        self.stragglers.add(time.perf_counter() - t0)
-        times = buf[P + EXTRA :]
-        times[:] = 0.0
-        times[self.comm.rank] = self.stragglers.slot_value(self.state.step + 1)
+        w.add(time.perf_counter() - t0)
+        value = w.slot_value(self.state.step + 1)
+        # only this rank's slot is ever non-zero going in; an in-place allreduce leaves every
+        # rank's time in the buffer after a window step, so the next step clears the slots
+        if buf is not self.red or self._slots_dirty:
+            buf[P + EXTRA :] = 0.0
+            self._slots_dirty = False
+        if value:
+            buf[P + EXTRA + self.comm.rank] = value
+            self._slots_dirty = True
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the step after `step` steps done."""
@@ -406,7 +439,7 @@ class Trainer:
             input_shape=self.model.input_shape,
             model=self.model.spec,
             config=self.cfg.as_dict(),
-            extra={"log_state": self.state.log.as_saved()},
+            extra={"log_state": self.state.log.as_saved(), "train_size": len(self.train)},
             run_id=self.run_id,
         )
 

@@ -265,3 +265,41 @@ def test_messages_after_a_failed_save_say_what_is_left(tmp_path) -> None:
     assert str(e.value).endswith(
         f"; the previous checkpoint {d / ckpt.file_name(3)} (step 3) is intact"
     )
+
+
+def test_resuming_on_another_training_split_is_refused(tiny_data, tmp_path, capsys) -> None:
+    """#15 class 2: another --val-fraction (or a smaller train split) crashed with
+    ZeroDivisionError; now exit 2 before any work, nothing changed."""
+    d = tmp_path / "run"
+    args = ["--data", str(tiny_data), *ARGS, "--checkpoint-dir", str(d), "--val-fraction", "0.2"]
+    assert main([*args, "--max-steps", "7"]) == 0
+    before = snapshot(d)
+    path = d / ckpt.file_name(7)
+    capsys.readouterr()
+    assert main(["--resume", str(path), "--val-fraction", "0.5"]) == 2
+    assert last_err(capsys) == (
+        f"error: checkpoint {path} was trained on 80 training samples, this run has 50 "
+        "(--val-fraction 0.5); resume with the dataset and --val-fraction it was trained with, "
+        "or start a new run in another --checkpoint-dir"
+    )
+    assert snapshot(d) == before
+
+
+def test_a_test_split_of_another_image_shape_is_refused_up_front(tmp_path, capsys) -> None:
+    """#15 class 2: it used to fail after the whole run, at the final evaluation."""
+    import h5py
+    from conftest import make_images
+
+    path = tmp_path / "mixed.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["num_classes"] = 3
+        for split, size in (("train", 8), ("test", 12)):
+            images, labels = make_images(40, 3, size, 1)
+            f[f"{split}/images"], f[f"{split}/labels"] = images, labels
+    d = tmp_path / "run"
+    assert main(["--data", str(path), *ARGS, "--checkpoint-dir", str(d)]) == 2
+    assert last_err(capsys) == (
+        f"error: --data {path}: the test split's images are (1, 12, 12) but train's are "
+        "(1, 8, 8); rebuild the file with one image shape"
+    )
+    assert not list(d.glob("*"))
