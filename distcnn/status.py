@@ -1,8 +1,8 @@
 """`python -m distcnn.status RUN_DIR [--watch] [--json]`: the state of a run, live or not.
 
 The trainer's rank 0 keeps `RUN_DIR/status.json` current (StatusFile below: written atomically
-at start, at each step record but at most about once a second, after each checkpoint and at
-every change of state); a supervisor adds `RUN_DIR/supervisor.json`. This command shows both:
+at start, at each step record (every --log-every steps), after each checkpoint and at every
+change of state); a supervisor adds `RUN_DIR/supervisor.json`. This command shows both:
 a running, finished, failed, preempted or supervised run. A status that says running while its
 process is gone (same host, PID dead) is shown as stale.
 

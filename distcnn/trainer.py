@@ -289,8 +289,8 @@ class Trainer:
         force: bool = False,
         **kw: Any,
     ) -> None:
-        """Rank 0: status.json (see distcnn.status); a state or a failure is written at once,
-        progress at most once a second."""
+        """Rank 0: status.json (see distcnn.status), written at each step record, checkpoint,
+        change of state and failure (unforced updates at most once a second)."""
         if self.status is None:
             return
         if message is not None:
@@ -538,7 +538,8 @@ class Trainer:
         rec = self.metrics.step_record(st.step, st.epoch, st.offset, last)
         if rec is not None:
             self.console.record(rec)
-            self._set_status(
+            self._set_status(  # at every record: the supervisor reads the step reached here
+                force=True,
                 step=st.step,
                 epoch=rec["epoch"],
                 loss=rec["loss"],
