@@ -61,6 +61,9 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the trainer's log window
     run_id: str = ""  # the run that wrote it ("" in checkpoints older than run ids)
     format_version: int = FORMAT_VERSION  # as read from the file
+    # distcnn.data.fingerprint of the dataset trained on (root attr dataset_fingerprint, JSON);
+    # None: not recorded (older checkpoints)
+    dataset_fingerprint: dict[str, Any] | None = None
 
 
 def file_name(step: int) -> str:
@@ -120,6 +123,8 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
         "extra": json.dumps(ck.extra, sort_keys=True),
         "run_id": str(ck.run_id),
     }
+    if ck.dataset_fingerprint is not None:
+        attrs["dataset_fingerprint"] = json.dumps(ck.dataset_fingerprint, sort_keys=True)
     attrs["attrs_sha256"] = _attrs_digest(attrs)
     try:
         with open(tmp, "wb") as raw:
@@ -221,6 +226,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
         config=json.loads(attrs["config"]),
         extra=json.loads(attrs.get("extra", "{}")),
         run_id=str(attrs.get("run_id", "")),
+        dataset_fingerprint=(
+            json.loads(attrs["dataset_fingerprint"]) if "dataset_fingerprint" in attrs else None
+        ),
     )
 
 

@@ -3,11 +3,16 @@
 The package, one job per module:
 
     checks.py       validation shared by readers, writer and loader (shapes, dtypes, labels)
-    split.py        Split: one split in memory and its normalised float32 batches
+    split.py        the batch interface: Split (in memory), SplitView (a subset), augment hook
+    modes.py        --data-mode: open_data (auto/shared/stream), rank_plan (what a rank reads)
+    shared.py       one copy per node in an MPI shared-memory window
+    stream.py       StreamSplit: rows read from the file on demand, prefetched by a thread
+    rows.py         RowReader: stored rows by index, the fastest way the file's layout allows
     dataset.py      the dataset file on disk: layout, validation, load_split, dataset_summary
     fingerprints.py fingerprint(path): sizes, shapes, dtype, classes and a cheap content hash
     readers.py      source readers for build: IDX, CSV, .npz
     build.py        write_dataset (atomic; the on-disk layout) and channel_stats
+    bench.py        layout read throughput and the data share of the step per mode
     summary.py      the text of `data info` (datasets and checkpoints)
     cli.py          `python -m distcnn.data {build,info}` (__main__.py runs it)
 
@@ -35,6 +40,7 @@ from distcnn.data.cli import main
 from distcnn.data.dataset import DEFAULT_DATASET, dataset_summary, load_split
 from distcnn.data.fingerprints import describe as describe_fingerprint
 from distcnn.data.fingerprints import fingerprint
+from distcnn.data.modes import DATA_MODES, Data, open_data, rank_plan
 from distcnn.data.readers import (
     _as_image_dtype,
     _with_channels,
@@ -46,7 +52,9 @@ from distcnn.data.readers import (
 from distcnn.data.split import Split
 
 __all__ = [
+    "DATA_MODES",
     "DEFAULT_DATASET",
+    "Data",
     "IMAGE_DTYPES",
     "SPLITS",
     "Split",
@@ -59,6 +67,8 @@ __all__ = [
     "fingerprint",
     "load_split",
     "main",
+    "open_data",
+    "rank_plan",
     "read_csv",
     "read_idx",
     "read_npz",

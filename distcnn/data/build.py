@@ -20,20 +20,31 @@ from distcnn.data.checks import (
 )
 from distcnn.errors import UsageError
 
+# The on-disk layouts `build --layout` offers (docs/data.md has the read-throughput figures).
+LAYOUTS = ("sample", "compact")
+
 
 def write_dataset(
     path: str | os.PathLike,
     splits: dict[str, tuple[np.ndarray, np.ndarray]],
     num_classes: int,
     attrs: dict,
+    layout: str = "sample",
 ) -> None:
     """Write {split: (images (N, C, H, W) uint8/float32, labels (N,) int)} to an HDF5 file.
 
     Root attrs: num_classes plus `attrs` (e.g. source, license, created_by, mean, std). The file
     is written to a temporary file in the same directory (name not ending in .h5) and moved into
-    place with os.replace, so readers never see a half-written file. Datasets are chunked along N
-    and gzip-compressed.
+    place with os.replace, so readers never see a half-written file.
+
+    layout (see LAYOUTS): "sample" (the default) stores images contiguous and uncompressed, so
+    one sample is one read at a known offset (what --data-mode stream does at every step);
+    "compact" stores them gzip-compressed in chunks of ~1 MiB along N, a third of the size for
+    MNIST but a chunk's inflation per random sample read. Labels are small and read whole:
+    contiguous in "sample", gzip in "compact".
     """
+    if layout not in LAYOUTS:
+        raise UsageError(f"--layout {layout} is unknown; use one of {', '.join(LAYOUTS)}")
     path = Path(path)
     num_classes = _check_num_classes(num_classes, "num_classes", "pass --num-classes K (K >= 2)")
     if "train" not in splits:
@@ -71,6 +82,11 @@ def write_dataset(
                 f.attrs[key] = value
             for name, (images, labels) in splits.items():
                 group = f.create_group(name)
+                labels = np.asarray(labels).astype(np.int64)
+                if layout == "sample":
+                    group.create_dataset("images", data=images)  # contiguous, uncompressed
+                    group.create_dataset("labels", data=labels)
+                    continue
                 row_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize
                 rows = max(1, min(images.shape[0], (1 << 20) // row_bytes))  # ~1 MiB chunks
                 group.create_dataset(
@@ -82,7 +98,7 @@ def write_dataset(
                 )
                 group.create_dataset(
                     "labels",
-                    data=np.asarray(labels).astype(np.int64),
+                    data=labels,
                     chunks=(min(len(labels), 1 << 16),),
                     compression="gzip",
                     compression_opts=9,

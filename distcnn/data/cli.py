@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from distcnn.data.build import channel_stats, write_dataset
+from distcnn.data.build import LAYOUTS, channel_stats, write_dataset
 from distcnn.data.checks import SPLITS, _check_label_range, _check_num_classes, _check_shapes
 from distcnn.data.dataset import dataset_summary, load_split
 from distcnn.data.fingerprints import describe, fingerprint
@@ -62,6 +62,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--normalize",
         action="store_true",
         help="store per-channel mean/std of the train split (uint8 scaled to [0,1])",
+    )
+    build.add_argument(
+        "--layout",
+        default="sample",
+        choices=LAYOUTS,
+        help="sample (default): images contiguous, uncompressed: fast random sample reads, for "
+        "--data-mode stream; compact: gzip in ~1 MiB chunks, smaller, slow to read at random",
     )
     build.add_argument("--source", default="", help="where the data comes from (stored)")
     build.add_argument("--license", default="", help="license of the data (stored)")
@@ -127,7 +134,7 @@ def _cmd_build(args: argparse.Namespace, argv: list[str]) -> int:
                 f"the train images have a constant channel (std {std.tolist()}): drop --normalize"
             )
         attrs["mean"], attrs["std"] = mean, std
-    write_dataset(args.output, splits, num_classes, attrs)
+    write_dataset(args.output, splits, num_classes, attrs, layout=args.layout)
     parts = [f"{n} {len(lab)} x {im.shape[1:]} {im.dtype}" for n, (im, lab) in splits.items()]
     size = Path(args.output).stat().st_size
     print(f"wrote {args.output} ({size / 1e6:.2f} MB): {', '.join(parts)}; {num_classes} classes")

@@ -13,6 +13,7 @@ Splits are `train` (required for training), `val` and `test` (optional).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,25 +113,65 @@ def _file_labels(f: h5py.File, path: Path, split: str, num_classes: int) -> np.n
     return labels
 
 
+@dataclass(frozen=True)
+class SplitInfo:
+    """What every rank knows of a split before reading any pixel (all of it validated)."""
+
+    path: Path
+    name: str
+    n: int
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    dtype: np.dtype  # stored: uint8 or float32
+    num_classes: int
+    mean: np.ndarray | None  # (C,) float32
+    std: np.ndarray | None  # (C,) float32
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the images and labels (int64) in memory."""
+        return self.n * (int(np.prod(self.image_shape)) * self.dtype.itemsize + 8)
+
+
+def split_info(path: str | os.PathLike, split: str) -> SplitInfo:
+    """Open and validate a split's metadata: num_classes, shapes, dtypes, mean/std (UsageError
+    naming the file, the dataset, the bad value and the fix). Pixels and labels are not read."""
+    path = Path(path)
+    with _open_h5(path) as f:
+        num_classes = _file_num_classes(f, path)
+        images_ds, _ = _split_datasets(f, path, split)
+        c, h, w = (int(s) for s in images_ds.shape[1:])
+        mean, std = _norm_stats(f.attrs.get("mean"), f.attrs.get("std"), c, path)
+        return SplitInfo(
+            path, split, int(images_ds.shape[0]), (c, h, w), np.dtype(images_ds.dtype),
+            num_classes, mean, std,
+        )  # fmt: skip
+
+
+def read_split_into(info: SplitInfo, images: np.ndarray, labels: np.ndarray) -> None:
+    """Fill images (N, C, H, W) stored dtype and labels (N,) int64 from the file, validating the
+    label range and (float32) that every pixel is finite; UsageError otherwise."""
+    path, split = info.path, info.name
+    with _open_h5(path) as f:
+        try:
+            labels[...] = _file_labels(f, path, split, info.num_classes)
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from None
+        f[split]["images"].read_direct(images)  # chunk by chunk, no temporary of the whole
+    _check_finite(images, f"/{split}/images in {path}")
+
+
 def load_split(path: str | os.PathLike, split: str) -> Split:
-    """Load and validate one split of a dataset file.
+    """Load and validate one split of a dataset file into this process's memory.
 
     Returns a Split with images (N, C, H, W) as stored (uint8 or float32), labels (N,) int64,
     num_classes and the root attrs mean/std broadcast to (C,). Raises UsageError naming the file,
     the dataset inside it, the bad value and the fix.
     """
-    path = Path(path)
-    with _open_h5(path) as f:
-        num_classes = _file_num_classes(f, path)
-        images_ds, _ = _split_datasets(f, path, split)
-        try:
-            labels = _file_labels(f, path, split, num_classes)
-        except UsageError as exc:
-            raise UsageError(f"{path}: {exc}") from None
-        images = images_ds[()]  # (N, C, H, W)
-        _check_finite(images, f"/{split}/images in {path}")
-        mean, std = _norm_stats(f.attrs.get("mean"), f.attrs.get("std"), images.shape[1], path)
-    return Split(images=images, labels=labels, num_classes=num_classes, mean=mean, std=std)
+    info = split_info(path, split)
+    images = np.empty((info.n, *info.image_shape), dtype=info.dtype)
+    labels = np.empty(info.n, dtype=np.int64)
+    read_split_into(info, images, labels)
+    return Split(images, labels, info.num_classes, info.mean, info.std)
 
 
 def _attr_value(value: Any) -> Any:
@@ -142,6 +183,20 @@ def _attr_value(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def layout_text(images: h5py.Dataset) -> str:
+    """How a split's images are stored, for `data info`: e.g. "contiguous, uncompressed"."""
+    from distcnn.data.rows import layout_of
+
+    info = layout_of(images)
+    text = info["layout"]
+    if info["chunk_rows"]:
+        text += f" ({info['chunk_rows']} images per chunk)"
+    text += ", " + ("+".join(info["filters"]) if info["filters"] else "uncompressed")
+    if info["kind"] != "contiguous":
+        text += "; random sample reads are slow (rebuild with --layout sample to stream it)"
+    return text
 
 
 def dataset_summary(path: str | os.PathLike) -> dict:
@@ -173,6 +228,7 @@ def dataset_summary(path: str | os.PathLike) -> dict:
                 "image_shape": tuple(int(s) for s in images.shape[1:]),
                 "dtype": str(images.dtype),
                 "class_counts": np.bincount(labels, minlength=num_classes).tolist(),
+                "layout": layout_text(images),
             }
         channels = {s["image_shape"][0] for s in splits.values()}
         for c in channels:

@@ -17,6 +17,9 @@ def _format_dataset(summary: dict) -> str:
     lines.append(f"  {'split':<8}{'N':>8}  {'image (C, H, W)':<16}dtype")
     for name, s in summary["splits"].items():
         lines.append(f"  {name:<8}{s['n']:>8}  {str(s['image_shape']):<16}{s['dtype']}")
+    lines.append("layout (images):")
+    for name, s in summary["splits"].items():
+        lines.append(f"  {name}: {s['layout']}")
     lines.append("per-class counts:")
     for name, s in summary["splits"].items():
         counts = " ".join(f"{c}:{n}" for c, n in enumerate(s["class_counts"]))
