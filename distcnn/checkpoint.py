@@ -2,7 +2,10 @@
 
 Layout (INTERFACE.md):
     /model/<name>               float32 parameters, PyTorch names and shapes (conv1.weight, ...)
-    /optimizer/velocity/<name>  SGD momentum buffers, same names and shapes
+    /optimizer/velocity/<name>  SGD momentum buffers, same names and shapes (empty for Adam)
+    /optimizer/<state>/<name>   other optimizer state: exp_avg, exp_avg_sq (Adam, AdamW)
+    /buffers/<name>             batch norm running statistics under PyTorch's names
+                                (bn1.running_mean, bn1.running_var, bn1.num_batches_tracked)
     root attrs                  format_version, magic, step, epoch, offset (samples of this
                                 epoch's global order already used), world_size, model, config
                                 (JSON), num_classes, input_shape, seed, best_val, data_order,
@@ -60,6 +63,9 @@ class Checkpoint:
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the trainer's log window
     run_id: str = ""  # the run that wrote it ("" in checkpoints older than run ids)
+    # optimizer state besides the velocity, by state name (Adam: exp_avg, exp_avg_sq)
+    optimizer_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)  # batch norm statistics
     format_version: int = FORMAT_VERSION  # as read from the file
     # distcnn.data.fingerprint of the dataset trained on (root attr dataset_fingerprint, JSON);
     # None: not recorded (older checkpoints)
@@ -129,10 +135,14 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
     try:
         with open(tmp, "wb") as raw:
             with h5py.File(raw, "w") as f:
-                for group, arrays in (("model", ck.params), ("optimizer/velocity", ck.velocity)):
+                groups = [("model", ck.params), ("optimizer/velocity", ck.velocity)]
+                groups += [(f"optimizer/{k}", v) for k, v in ck.optimizer_state.items()]
+                if ck.buffers:
+                    groups.append(("buffers", ck.buffers))
+                for group, arrays in groups:
                     g = f.create_group(group, track_order=True)  # layer order, as torch
                     for name, a in arrays.items():
-                        a = np.asarray(a, dtype=np.float32)
+                        a = np.asarray(a, dtype=np.int64 if a.dtype.kind in "iu" else np.float32)
                         if not np.all(np.isfinite(a)):
                             raise ValueError(f"refusing to save non-finite values in {name}")
                         d = g.create_dataset(name, data=a)
@@ -191,7 +201,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
                     "resume from another checkpoint"
                 )
             arrays: dict[str, dict[str, np.ndarray]] = {}
-            for group in ("model", "optimizer/velocity"):
+            optional = [f"optimizer/{k}" for k in f.get("optimizer", {}) if k != "velocity"]
+            optional += ["buffers"] if "buffers" in f else []
+            for group in ("model", "optimizer/velocity", *optional):
                 if group not in f:
                     raise CheckpointError(f"checkpoint {path} lacks the group /{group}")
                 arrays[group] = {}
@@ -226,6 +238,12 @@ def load(path: str | os.PathLike) -> Checkpoint:
         config=json.loads(attrs["config"]),
         extra=json.loads(attrs.get("extra", "{}")),
         run_id=str(attrs.get("run_id", "")),
+        optimizer_state={
+            k.removeprefix("optimizer/"): v
+            for k, v in arrays.items()
+            if k.startswith("optimizer/") and k != "optimizer/velocity"
+        },  # fmt: skip
+        buffers=arrays.get("buffers", {}),
         dataset_fingerprint=(
             json.loads(attrs["dataset_fingerprint"]) if "dataset_fingerprint" in attrs else None
         ),
@@ -238,8 +256,11 @@ def check_fits(
     num_classes: int,
     path: str,
     input_shape: tuple[int, ...] | None = None,
+    buffers: dict[str, np.ndarray] | None = None,
+    optimizer_state: tuple[str, ...] = ("velocity",),
 ) -> None:
-    """Raise CheckpointError listing every mismatch between ck and the model's parameters."""
+    """Raise CheckpointError listing every mismatch between ck and the model's parameters (and
+    batch norm buffers, and the optimizer state groups the run needs)."""
     problems = []
     if ck.num_classes != num_classes:
         problems.append(f"num_classes: expected {num_classes}, found {ck.num_classes}")
@@ -247,8 +268,10 @@ def check_fits(
         problems.append(
             f"input_shape: expected {tuple(input_shape)}, found {tuple(ck.input_shape)}"
         )
+    states = {"velocity": ck.velocity, **ck.optimizer_state}
+    needed = [("model", ck.params)] + [(k, states.get(k, {})) for k in optimizer_state]
     for name, shape in shapes.items():
-        for group, arrays in (("model", ck.params), ("velocity", ck.velocity)):
+        for group, arrays in needed:
             if name not in arrays:
                 problems.append(f"{group}/{name}: expected {shape}, missing")
             elif tuple(arrays[name].shape) != tuple(shape):
@@ -258,6 +281,11 @@ def check_fits(
     for name in ck.params:
         if name not in shapes:
             problems.append(f"model/{name}: not in this model, found {ck.params[name].shape}")
+    for name, a in (buffers or {}).items():
+        if name not in ck.buffers:
+            problems.append(f"buffers/{name}: expected {a.shape}, missing")
+        elif ck.buffers[name].shape != a.shape:
+            problems.append(f"buffers/{name}: expected {a.shape}, found {ck.buffers[name].shape}")
     if problems:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model: "

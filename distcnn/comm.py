@@ -4,7 +4,9 @@ A single process is a communicator of size 1 on the same code path. Every collec
 non-blocking underneath and waited on by polling, which gives three things at once:
 - a watchdog: a rank that waits longer than `timeout` seconds aborts the whole job, naming the
   ranks that never arrived (each rank announces its arrival at collective #k to the others with a
-  tiny point-to-point message before joining it; the announcements are drained afterwards);
+  tiny point-to-point message before joining it; the announcements are drained afterwards, under
+  the same deadline) and, when every rank arrived, the ranks that no longer answer a ping (a
+  rank stopped or stuck outside MPI after it arrived);
 - ranks that wait do not spin a core for long, which matters when ranks outnumber cores;
 - no thread is needed, so no MPI thread-safety question arises.
 
@@ -14,12 +16,20 @@ rank add its slice of everyone's buffers into one node-wide sum that all ranks t
 no MPI message for the data (see `NodeReducer`). Across nodes it becomes hierarchical. Every
 other buffer takes MPI_Iallreduce, and DISTCNN_ALLREDUCE=mpi turns the shared path off.
 
+MPI calls that have no non-blocking form (communicator splits, the shared-window allocation)
+are entered only right after a watchdog-covered collective, so no rank can sit in one while
+another rank is stuck or has failed before it. A setup error found on some ranks only is
+settled by `settle`, a point-to-point exchange: when the other ranks are elsewhere (in a
+collective the failing rank will never join), the failing rank prints its own error and ends the
+job with exit code 2 within a few seconds instead of leaving them waiting.
+
 Distributed touch points in the rest of the code are labelled `# MPI:` so one grep shows them.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import time
 import traceback
@@ -31,6 +41,12 @@ import numpy as np
 from mpi4py import MPI
 
 _ARRIVE_TAG = 7
+_PING_TAG = 8  # "are you alive?", sent by a rank whose deadline passed
+_PONG_TAG = 9  # the answer, from any rank that is polling (waiting in a collective)
+_SETTLE_TAG = 10  # a rank's setup outcome (None or its error), see Comm.settle
+# A rank whose setup failed waits this long for the others to reach the same settle point; if
+# they do not (they are in a collective it will never join), it prints its error and aborts.
+SETTLE_GRACE_SECONDS = 3.0
 _SPIN_SECONDS = 0.002  # poll without sleeping this long; then sleep between polls
 _NAP_SECONDS = 0.0002
 _ABORT_GRACE_SECONDS = 0.2
@@ -148,10 +164,17 @@ class Comm:
         self.timeout = timeout
         self.seq = 0  # collectives entered so far; identical on every rank
         self.comm_seconds = 0.0  # wall time spent inside collectives (waiting included)
-        self._diag = mpi_comm.Dup() if self.size > 1 else None
         self._arrive = np.zeros(1, dtype=np.int64)
-        self._arrive_in = np.zeros(1, dtype=np.int64)
+        self._arrive_in = np.zeros((max(1, self.size), 1), dtype=np.int64)
+        self._ping = np.zeros(1, dtype=np.int64)
+        self._in_flight: list[tuple[np.ndarray, MPI.Request]] = []  # pings/pongs being sent
+        self._arrivals: dict[int, MPI.Request] = {}
         self._reducer: NodeReducer | None = None
+        self._diag: MPI.Comm | None = None
+        if self.size > 1:
+            # MPI: the watchdog's own channel; its arrivals go over mpi_comm itself this once
+            self._diag = mpi_comm
+            self._diag = self._collective("start-up (communicator duplicate)", self._idup)
         # how the gradient buffer is summed, for the user: set by reduce_buffer
         self.allreduce_path = "MPI_Iallreduce" if self.size > 1 else "none (1 rank)"
         # called with the watchdog's message just before it aborts (rank 0's status.json)
@@ -160,6 +183,18 @@ class Comm:
     @classmethod
     def world(cls, timeout: float | None = None) -> Comm:
         return cls(MPI.COMM_WORLD, timeout)
+
+    def _idup(self, wait: Callable[[MPI.Request], None]) -> MPI.Comm:
+        new, req = self.mpi.Idup()
+        wait(req)
+        return new
+
+    def guard(self, what: str) -> None:
+        """A watchdog-covered barrier, entered right before an MPI call that cannot be waited
+        on with a deadline (a communicator split, a window allocation or free): every rank is
+        then known to be alive and at the same point, so the blocking call returns promptly."""
+        if self.size > 1:
+            self._run(self.mpi.Ibarrier, what)
 
     # -- the gradient buffer -----------------------------------------------------------------
 
@@ -178,6 +213,7 @@ class Comm:
         if layout is None:
             return np.zeros(n, dtype=dtype)
         node, cross = layout
+        self.guard("before the shared window")  # MPI: Win.Allocate_shared blocks
         try:
             reducer: NodeReducer | None = NodeReducer(node, cross, n, np.dtype(dtype))
             failed = ""
@@ -258,6 +294,7 @@ class Comm:
             return None
         mode = os.environ.get("DISTCNN_ALLREDUCE", "auto")
         fake = os.environ.get("DISTCNN_NODE_SIZE", "")
+        self.guard("before the node split")  # MPI: Split/Split_type block
         if fake.isdigit() and int(fake) > 0:
             node = self.mpi.Split(self.rank // int(fake), self.rank)
         else:
@@ -281,6 +318,7 @@ class Comm:
     def close(self) -> None:
         """Free the shared window (collective); the Comm then falls back to MPI_Iallreduce."""
         if self._reducer is not None:
+            self.guard("before freeing the shared window")  # MPI: Win.Free blocks
             self._reducer.free()
             self._reducer = None
 
@@ -330,8 +368,6 @@ class Comm:
         if self.size == 1:
             self.seq += 1
             return obj
-        import pickle
-
         data = pickle.dumps(obj) if self.rank == root else b""
         n = np.array([len(data)], dtype=np.int64)
         self.bcast(n, root, what)
@@ -348,12 +384,89 @@ class Comm:
             return [obj]
         return [self.bcast_object(obj, root=r, what=what) for r in range(self.size)]
 
+    def gather_to_root(self, obj: Any, root: int = 0, what: str = "gather") -> list[Any] | None:
+        """Every rank's small picklable object, in rank order, on `root` (None elsewhere):
+        two collectives (the sizes, then the bytes) whatever the number of ranks."""
+        if self.size == 1:
+            self.seq += 1
+            return [obj]
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8).copy()
+        sizes = np.zeros(self.size, dtype=np.int64)
+        mine = np.array([data.size], dtype=np.int64)
+        self._run(lambda: self.mpi.Igather(mine, sizes, root=root), what)
+        counts = sizes.astype(np.int32) if self.rank == root else None
+        recv = None
+        if self.rank == root:
+            displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+            buf = np.empty(int(sizes.sum()), dtype=np.uint8)
+            recv = [buf, counts, displs, MPI.BYTE]
+        self._run(lambda: self.mpi.Igatherv(data, recv, root=root), what)
+        if self.rank != root:
+            return None
+        return [pickle.loads(buf[d : d + c].tobytes()) for d, c in zip(displs, counts, strict=True)]
+
     def check_replicas(self, params: np.ndarray) -> list[int]:
         """Ranks whose parameters differ bitwise from rank 0's (empty when all agree)."""
         mine = np.array([zlib.crc32(params.view(np.uint8))], dtype=np.int64)
         every = np.zeros((self.size, 1), dtype=np.int64)
         self.allgather(mine, every, "replica check")
         return [r for r in range(self.size) if every[r, 0] != every[0, 0]]
+
+    # -- settling a setup step -------------------------------------------------------------
+
+    def settle(self, err: str | None, what: str = "setup check") -> str | None:
+        """Every rank's outcome of a setup step (None, or its one-line error), exchanged
+        point to point; returns the error every rank acts on, the same everywhere: rank 0's,
+        else the first failing rank's prefixed `[rank k]` (unprefixed when every failing rank
+        has the same one).
+
+        Works even when ranks disagree about where they are: a rank with an error that the
+        others do not join within SETTLE_GRACE_SECONDS (they are waiting in a collective it
+        will never enter, e.g. its dataset is unreadable on its host only) prints
+        `error: [rank k] <its error>` and ends the job with exit code 2. A rank without an
+        error waits under the watchdog like in any collective.
+        """
+        if self.size == 1:
+            self.seq += 1
+            return err
+        assert self._diag is not None
+        self.seq += 1
+        t0 = time.perf_counter()
+        msg = np.frombuffer(pickle.dumps((self.seq, err)), dtype=np.uint8).copy()
+        peers = [r for r in range(self.size) if r != self.rank]
+        sends = [self._diag.Isend(msg, dest=r, tag=_SETTLE_TAG) for r in peers]
+        got: dict[int, str | None] = {self.rank: err}
+        status = MPI.Status()
+        while len(got) < self.size:
+            progressed = False
+            for r in peers:
+                if r not in got and self._diag.Iprobe(source=r, tag=_SETTLE_TAG, status=status):
+                    raw = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+                    self._diag.Recv(raw, source=r, tag=_SETTLE_TAG)
+                    seq, their = pickle.loads(raw.tobytes())
+                    if seq != self.seq:  # the ranks' collectives are out of step: a bug
+                        their = their or f"out of step (at collective #{seq}, not #{self.seq})"
+                    got[r] = their
+                    progressed = True
+            if progressed or len(got) == self.size:
+                continue
+            now = time.perf_counter()
+            if err is not None and now - t0 > SETTLE_GRACE_SECONDS:
+                prefix = f"[rank {self.rank}] " if self.rank else ""
+                print(f"error: {prefix}{err}", file=sys.stderr, flush=True)
+                self.abort(2)
+            if self.timeout is not None and now - t0 > self.timeout:
+                missing = [r for r in peers if r not in got]
+                self._stalled(what, now - t0, missing)
+            self._answer_pings()
+            time.sleep(_NAP_SECONDS if now - t0 < 0.05 else 10 * _NAP_SECONDS)
+        MPI.Request.Waitall(sends)
+        self.comm_seconds += time.perf_counter() - t0
+        errors = [got[r] for r in range(self.size)]
+        for r, e in enumerate(errors):
+            if e:
+                return e if r == 0 or all(x == e for x in errors) else f"[rank {r}] {e}"
+        return None
 
     # -- waiting with a watchdog -------------------------------------------------------------
 
@@ -362,22 +475,28 @@ class Comm:
 
     def _collective(self, what: str, body: Callable[[Callable[[MPI.Request], None]], Any]) -> Any:
         """One collective, numbered: announce arrival (for the watchdog), run `body`, which
-        waits on its MPI requests through the `wait` it is given, then drain the announcements.
-        Returns what `body` returns."""
+        waits on its MPI requests through the `wait` it is given, then drain the announcements
+        (under the same deadline: a collective can complete on one rank before every rank has
+        arrived, e.g. a broadcast's root). Returns what `body` returns."""
         self.seq += 1
         t0 = time.perf_counter()
-        sends = []
-        if self.timeout is not None:
-            self._arrive[0] = self.seq
-            for r in range(self.size):
-                if r != self.rank:
-                    sends.append(self._diag.Isend(self._arrive, dest=r, tag=_ARRIVE_TAG))
+        if self.timeout is None:
+            result = body(lambda req: req.Wait())
+            self.comm_seconds += time.perf_counter() - t0
+            return result
+        diag = self._diag
+        assert diag is not None
+        self._arrive[0] = self.seq
+        sends, recvs = [], {}
+        for r in range(self.size):
+            if r != self.rank:
+                recvs[r] = diag.Irecv(self._arrive_in[r], source=r, tag=_ARRIVE_TAG)
+                sends.append(diag.Isend(self._arrive, dest=r, tag=_ARRIVE_TAG))
+        self._arrivals = recvs
         result = body(lambda req: self._wait(req, what, t0))
-        if self.timeout is not None:
-            for r in range(self.size):  # everyone arrived, so these are already here
-                if r != self.rank:
-                    self._diag.Recv(self._arrive_in, source=r, tag=_ARRIVE_TAG)
-            MPI.Request.Waitall(sends)
+        for req in recvs.values():
+            self._wait(req, what, t0)
+        MPI.Request.Waitall(sends)
         self.comm_seconds += time.perf_counter() - t0
         return result
 
@@ -386,27 +505,72 @@ class Comm:
             req.Wait()
             return
         deadline = t0 + self.timeout
+        polls = 0
         while not req.Test():
             now = time.perf_counter()
             if now - t0 > _SPIN_SECONDS:
                 if now > deadline:
                     self._stalled(what, now - t0)
+                polls += 1
+                if polls % 16 == 0:
+                    self._answer_pings()
                 time.sleep(_NAP_SECONDS)
 
     def missing_ranks(self) -> list[int]:
         """Ranks whose arrival at the current collective has not been announced to this rank."""
-        missing = []
-        for r in range(self.size):
-            if r != self.rank and not self._diag.Iprobe(source=r, tag=_ARRIVE_TAG):
-                missing.append(r)
-        return missing
+        return [r for r, req in self._arrivals.items() if not req.Get_status()]
 
-    def _stalled(self, what: str, waited: float) -> None:
-        missing = self.missing_ranks()
-        names = ", ".join(str(r) for r in missing) or "none (all arrived; MPI itself is stuck)"
+    def _send_small(self, value: int, dest: int, tag: int) -> None:
+        """A fire-and-forget 8-byte message; its buffer is kept until the send is done."""
+        assert self._diag is not None
+        self._in_flight = [(b, q) for b, q in self._in_flight if not q.Get_status()]
+        buf = np.array([value], dtype=np.int64)
+        self._in_flight.append((buf, self._diag.Isend(buf, dest=dest, tag=tag)))
+
+    def _answer_pings(self) -> None:
+        """Answer every pending "are you alive?" (ranks poll here while they wait)."""
+        if self._diag is None:
+            return
+        status = MPI.Status()
+        while self._diag.Iprobe(source=MPI.ANY_SOURCE, tag=_PING_TAG, status=status):
+            src = status.Get_source()
+            self._diag.Recv(self._ping, source=src, tag=_PING_TAG)
+            self._send_small(int(self._ping[0]), src, _PONG_TAG)
+
+    def unresponsive_ranks(self, ranks: list[int], grace: float) -> list[int]:
+        """Of `ranks`, those that do not answer a ping within `grace` seconds: stopped (SIGSTOP,
+        a debugger) or stuck outside MPI. Every waiting rank answers pings while it polls."""
+        assert self._diag is not None
+        for r in ranks:
+            self._send_small(self.seq, r, _PING_TAG)
+        pending, answer = set(ranks), np.zeros(1, dtype=np.int64)
+        status, end = MPI.Status(), time.perf_counter() + grace
+        while pending and time.perf_counter() < end:
+            while self._diag.Iprobe(source=MPI.ANY_SOURCE, tag=_PONG_TAG, status=status):
+                self._diag.Recv(answer, source=status.Get_source(), tag=_PONG_TAG)
+                pending.discard(status.Get_source())
+            self._answer_pings()
+            time.sleep(0.002)
+        return sorted(pending)
+
+    def _stalled(self, what: str, waited: float, missing: list[int] | None = None) -> None:
+        missing = self.missing_ranks() if missing is None else missing
+        silent: list[int] = []
+        if not missing:  # everyone arrived: a rank that cannot answer is holding everyone up
+            peers = [r for r in range(self.size) if r != self.rank]
+            silent = self.unresponsive_ranks(peers, min(2.0, max(0.5, (self.timeout or 0) / 4)))
+        if missing:
+            names = ", ".join(str(r) for r in missing)
+        else:
+            names = "none (all arrived" + ("" if silent else "; MPI itself is stuck") + ")"
+        stopped = ""
+        if silent:
+            stopped = "; ranks not answering (stopped, or stuck outside MPI): " + ", ".join(
+                str(r) for r in silent
+            )
         msg = (
             f"collective #{self.seq} ({what}) waited {waited:.1f} s, longer than "
-            f"--collective-timeout {self.timeout:g}; ranks that did not arrive: {names}"
+            f"--collective-timeout {self.timeout:g}; ranks that did not arrive: {names}{stopped}"
         )
         print(f"[rank {self.rank}] error: {msg}. Aborting the job.", file=sys.stderr, flush=True)
         if self.on_stall is not None:

@@ -34,6 +34,8 @@ else:  # pragma: no cover
 from distcnn.errors import ArgumentParser, UsageError
 
 SCHEDULES = ("constant", "cosine", "step")
+OPTIMIZERS = ("sgd", "adam", "adamw")  # distcnn.optim.OPTIMIZERS (no NumPy import here)
+ALLREDUCE_DTYPES = ("float32", "bfloat16", "float16")
 TOML_MAX_BYTES = 1 << 20  # a config file is a few lines; more is not a config file
 
 
@@ -58,6 +60,22 @@ class Setting:
 def setting(default: Any, help: str, **kw: Any) -> Any:
     """A Config field with its schema entry."""
     return dataclasses.field(default=default, metadata={"setting": Setting(help, **kw)})
+
+
+def parse_betas(text: str) -> tuple[float, float]:
+    """'B1,B2' -> (B1, B2); ValueError unless two numbers in [0, 1)."""
+    parts = [float(p) for p in str(text).split(",")]
+    if len(parts) != 2 or not all(0.0 <= b < 1.0 for b in parts):
+        raise ValueError(text)
+    return parts[0], parts[1]
+
+
+def _betas_rule(v: str) -> str | None:
+    try:
+        parse_betas(v)
+    except ValueError:
+        return "must be two numbers in [0, 1) separated by a comma, e.g. --betas 0.9,0.999"
+    return None
 
 
 def _clip_norm_rule(v: float) -> str | None:
@@ -88,6 +106,16 @@ class Config:
     )
     lr: float = setting(0.05, "base learning rate (default 0.05)", above=0.0, example="0.05")
     momentum: float = setting(0.9, "SGD momentum (default 0.9)", min=0.0, below=1.0)
+    optimizer: str = setting(
+        "sgd",
+        f"one of {', '.join(OPTIMIZERS)} (default sgd); adam/adamw as torch.optim defines them",
+        choices=OPTIMIZERS,
+        metavar="NAME",
+    )
+    betas: str = setting(
+        "0.9,0.999", "Adam/AdamW betas (default 0.9,0.999)", metavar="B1,B2", check=_betas_rule
+    )
+    eps: float = setting(1e-8, "Adam/AdamW epsilon (default 1e-8)", above=0.0, example="1e-8")
     weight_decay: float = setting(5e-4, "L2 weight decay (default 5e-4)", min=0.0)
     lr_schedule: str = setting(
         "cosine",

@@ -1,7 +1,9 @@
 """`python -m distcnn.export CHECKPOINT -o model.npz`: the parameters as a plain .npz.
 
 One array per tensor, named and shaped as in the checkpoint and as PyTorch names them
-(`conv1.weight` (F, C, KH, KW), `fc1.weight` (out, in), ...), nothing else: a state_dict.
+(`conv1.weight` (F, C, KH, KW), `fc1.weight` (out, in), ..., and batch norm's `bn1.weight`,
+`bn1.bias`, `bn1.running_mean`, `bn1.running_var`, `bn1.num_batches_tracked`), nothing else:
+a state_dict. In eval mode (`net.eval()`) the torch network gives our evaluation logits.
 `--torch` also prints Python that builds the equivalent `torch.nn.Sequential` (modules named
 conv1, relu1, pool1, ..., fc1, so `load_state_dict` matches the names) and loads the file.
 Inputs must be preprocessed as in training: uint8 pixels / 255, then (x - mean) / std with the
@@ -18,7 +20,17 @@ import numpy as np
 
 from distcnn.convpool import ConvPool
 from distcnn.errors import ArgumentParser, UsageError
-from distcnn.layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU
+from distcnn.layers import (
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    Linear,
+    MaxPool2d,
+    ReLU,
+)
 from distcnn.model import Model
 
 
@@ -27,7 +39,8 @@ def export_npz(params: dict[str, np.ndarray], out: str | os.PathLike) -> Path:
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp.npz")  # np.savez appends .npz to other names
     try:
-        np.savez(tmp, **{k: np.asarray(v, dtype=np.float32) for k, v in params.items()})
+        np.savez(tmp, **{k: np.asarray(v, dtype=np.int64 if np.asarray(v).dtype.kind in "iu"
+                                       else np.float32) for k, v in params.items()})  # fmt: skip
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -37,7 +50,7 @@ def export_npz(params: dict[str, np.ndarray], out: str | os.PathLike) -> Path:
 def torch_modules(model: Model) -> list[tuple[str, str]]:
     """(name, constructor) pairs of the torch.nn.Sequential equivalent to model."""
     mods: list[tuple[str, str]] = []
-    counts = {"relu": 0, "pool": 0, "flatten": 0}
+    counts = {"relu": 0, "pool": 0, "flatten": 0, "drop": 0}
 
     def name(kind: str) -> str:
         counts[kind] += 1
@@ -67,6 +80,15 @@ def torch_modules(model: Model) -> list[tuple[str, str]]:
         elif isinstance(layer, (MaxPool2d, AvgPool2d)):
             cls = "MaxPool2d" if isinstance(layer, MaxPool2d) else "AvgPool2d"
             mods.append((name("pool"), f"nn.{cls}({layer.kernel}, stride={layer.stride})"))
+        elif isinstance(layer, BatchNorm):
+            dim = "2d" if len(layer.in_shape) == 3 else "1d"
+            mods.append((str(layer.name), f"nn.BatchNorm{dim}({layer.channels})"))
+        elif isinstance(layer, Dropout):
+            mods.append((name("drop"), f"nn.Dropout({layer.prob})"))
+        elif isinstance(layer, GlobalAvgPool):
+            mods.append((name("pool"), "nn.AdaptiveAvgPool2d(1)"))
+            mods.append((name("flatten"), "nn.Flatten()"))
+            flat = True
         elif isinstance(layer, Flatten):
             mods.append((name("flatten"), "nn.Flatten()"))
             flat = True
@@ -91,6 +113,7 @@ def torch_code(model: Model, npz: str) -> str:
     lines += [
         "]))",
         f"net.load_state_dict({{k: torch.from_numpy(v) for k, v in np.load({npz!r}).items()}})",
+        "net.eval()  # batch norm from its running statistics, no dropout",
     ]
     return "\n".join(lines)
 
@@ -110,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.suffix != ".npz":
             raise UsageError(f"-o {out}: the output name must end in .npz; e.g. -o model.npz")
         try:
-            export_npz(ck.params, out)
+            export_npz({**ck.params, **ck.buffers}, out)
         except OSError as e:
             raise UsageError(f"-o {out}: cannot write it ({e}); give a writable path") from None
     except UsageError as e:
@@ -119,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     print(
-        f"wrote {out}: {len(ck.params)} tensors, {model.num_params:,} parameters "
+        f"wrote {out}: {len(ck.params) + len(ck.buffers)} tensors, {model.num_params:,} parameters "
         f"(step {ck.step}, model {ck.model}, input {tuple(ck.input_shape)})"
     )
     if args.torch:

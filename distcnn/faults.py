@@ -6,8 +6,10 @@ on that rank at that step: see Trainer), `kill` (SIGKILL to itself, no traceback
 `kill-save` (rank 0 only: SIGKILL to itself while it writes the checkpoint of that step, after
 the temporary file is written and before it is renamed into place).
 
-Faults happen before the step is computed (`kill-save`: after it, during its save). Several
-faults are separated by commas; `@A` makes one apply only to the attempt whose
+Faults happen before the step is computed (`kill-save`: after it, during its save). The step
+`setup` instead of a number (`1:setup:hang`) puts the fault in the rank's start-up, where it
+gathers its facts for the ranks' agreement (distcnn.agree): a rank stuck or failing in setup.
+Several faults are separated by commas; `@A` makes one apply only to the attempt whose
 DISTCNN_RESTARTS (set by `python -m distcnn.supervise`, 0 when unset) is A, so a supervised
 chaos drill can fail each attempt differently. At most one fault per rank and attempt.
 """
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from distcnn.errors import UsageError
 
 MODES = ("raise", "exit", "hang", "nan", "kill", "kill-save")
+SETUP = -1  # the step number `setup` stands for
+SETUP_MODES = ("raise", "exit", "hang", "kill")
 FORM = f"<rank>:<step>:<{'|'.join(MODES)}>[@<attempt>], comma-separated"
 
 
@@ -41,16 +45,22 @@ def parse(spec: str) -> list[Fault]:
         head, _, attempt = item.partition("@")
         try:
             r, s, mode = head.split(":")
-            f = Fault(int(r), int(s), mode, int(attempt) if attempt else None)
+            step = SETUP if s == "setup" else int(s)
+            f = Fault(int(r), step, mode, int(attempt) if attempt else None)
         except ValueError:
             raise UsageError(f"DISTCNN_FAULT={spec!r} is malformed; use {FORM}") from None
         if mode not in MODES:
             raise UsageError(
                 f"DISTCNN_FAULT mode {mode!r} is unknown; use one of {', '.join(MODES)}"
             )
-        if f.rank < 0 or f.step < 1 or (f.attempt is not None and f.attempt < 0):
+        if f.step == SETUP and mode not in SETUP_MODES:
             raise UsageError(
-                f"DISTCNN_FAULT entry {item!r}: rank and attempt must be >= 0, step >= 1"
+                f"DISTCNN_FAULT entry {item!r}: at setup use one of {', '.join(SETUP_MODES)}"
+            )
+        bad_step = f.step < 1 and (f.step != SETUP or s != "setup")
+        if f.rank < 0 or bad_step or (f.attempt is not None and f.attempt < 0):
+            raise UsageError(
+                f"DISTCNN_FAULT entry {item!r}: rank and attempt must be >= 0, step >= 1 or setup"
             )
         if mode == "kill-save" and f.rank != 0:
             raise UsageError(
@@ -93,7 +103,20 @@ def fault_from_env(rank: int) -> tuple[int, str] | None:
     return (f.step, f.mode) if f is not None and f.mode != "kill-save" else None
 
 
-def inject_fault(mode: str, step: int, rank: int) -> None:
+def at_setup(rank: int) -> None:
+    """Called once in start-up (distcnn.agree): carries out `<rank>:setup:<mode>`. A malformed
+    DISTCNN_FAULT is left to fault_from_env, which refuses it with exit 2."""
+    if "DISTCNN_FAULT" not in os.environ:
+        return
+    try:
+        f = _mine(rank)
+    except UsageError:
+        return
+    if f is not None and f.step == SETUP:
+        inject_fault(f.mode, "setup", rank)
+
+
+def inject_fault(mode: str, step: int | str, rank: int) -> None:
     """Carry out a fault that happens before the step (every mode but nan)."""
     if mode == "raise":
         raise RuntimeError(f"DISTCNN_FAULT: injected failure on rank {rank} at step {step}")

@@ -28,6 +28,7 @@ Derivations (for y = conv(x, w) + b, written per element):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -689,6 +690,261 @@ class Linear(Layer):
         dx = self.ws.get("dx", (dy.shape[0], self.in_features))
         np.matmul(dy, self.p["weight"], out=dx)
         return dx.reshape(self._xshape)
+
+
+class BatchNorm(Layer):
+    """Batch normalisation (Ioffe & Szegedy 2015) per channel of (N, C, H, W) inputs (after a
+    conv) or per feature of (N, D) inputs (after a dense layer), as torch.nn.BatchNorm2d / 1d.
+
+    weight (C,) = gamma, bias (C,) = beta are parameters; running_mean (C,), running_var (C,)
+    and num_batches_tracked () are buffers (Model.buffers), updated by Model.update_running_stats
+    and saved in checkpoints. With M = the values per channel in the batch (N*H*W):
+
+      train:  mu = sum x / M,  var = sum (x - mu)^2 / M (biased),  xhat = (x - mu) / sqrt(var+eps)
+              y = gamma * xhat + beta
+              dgamma = sum dy * xhat,  dbeta = sum dy
+              dx = gamma / sqrt(var + eps) / M * (M * dy - dbeta - xhat * dgamma)
+      eval:   xhat = (x - running_mean) / sqrt(running_var + eps), y = gamma * xhat + beta,
+              dx = gamma / sqrt(running_var + eps) * dy (the statistics are constants)
+
+    The batch sums are taken in float64, shifted by the running mean (the same on every rank):
+    s = [M, sum (x - r), sum (x - r)^2], so mu = r + s1/M, var = s2/M - (s1/M)^2. A train pass
+    writes s into `stats` (a view into the model's reduce buffer), where the ranks' sums are
+    added with the gradient; the running statistics are then updated from the whole global
+    batch with PyTorch's convention (momentum 0.1, unbiased variance var * M / (M - 1)).
+
+    `sync` (None: each pass normalises with its own batch, like DDP without SyncBatchNorm): a
+    function that sums float64 vectors over all ranks (--sync-bn). It is called twice per
+    train pass, once in forward with s (so mu and var are the global batch's) and once in
+    backward with [dbeta, dgamma] local sums (dx needs the global ones); the parameter
+    gradients stay the local sums, which the gradient allreduce adds like every other.
+    """
+
+    kind = "bn"
+    eps = 1e-5
+    momentum = 0.1
+
+    def __init__(self, in_shape: Shape, dtype: np.dtype = np.float32) -> None:
+        super().__init__(in_shape, dtype)
+        if len(self.in_shape) not in (1, 3):
+            raise ValueError(f"bn needs (C, H, W) or (D,) inputs, got {self.in_shape}")
+        self.channels = self.in_shape[0]
+        self.per_sample = math.prod(self.in_shape[1:])  # values per channel and sample
+        self._axes = (0, 2, 3) if len(self.in_shape) == 3 else (0,)
+        self._bshape = (1, self.channels, 1, 1) if len(self.in_shape) == 3 else (1, self.channels)
+        self.sync: Callable[[np.ndarray], np.ndarray] | None = None
+        self.buf: dict[str, np.ndarray] = {
+            "running_mean": np.zeros(self.channels, self.dtype),
+            "running_var": np.ones(self.channels, self.dtype),
+            "num_batches_tracked": np.zeros((), np.int64),
+        }
+        self.stats = np.zeros(self.num_stats(), np.float64)  # rebound by the Model
+
+    def param_shapes(self) -> dict[str, Shape]:
+        return {"weight": (self.channels,), "bias": (self.channels,)}
+
+    def buffer_shapes(self) -> dict[str, tuple[Shape, np.dtype]]:
+        c = self.channels
+        return {"running_mean": ((c,), self.dtype), "running_var": ((c,), self.dtype),
+                "num_batches_tracked": ((), np.dtype(np.int64))}  # fmt: skip
+
+    def num_stats(self) -> int:
+        return 1 + 2 * self.channels
+
+    def flops(self) -> int:
+        return 4 * math.prod(self.in_shape)
+
+    def live_elements(self) -> int:
+        return 2 * super().live_elements()  # y and xhat, and their gradients
+
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
+        c, b = self.channels, self._bshape
+        xhat = self.ws.like("xhat", x)
+        y = self.ws.like("y", x)
+        r = self.buf["running_mean"].reshape(b)
+        self._train = ctx.train
+        if ctx.train:
+            m = x.shape[0] * self.per_sample
+            np.subtract(x, r, out=xhat)  # x - r
+            sq = self.ws.like("sq", x)
+            np.multiply(xhat, xhat, out=sq)
+            s = np.empty(1 + 2 * c)
+            s[0] = m
+            s[1 : 1 + c] = np.sum(xhat, axis=self._axes, dtype=np.float64)
+            s[1 + c :] = np.sum(sq, axis=self._axes, dtype=np.float64)
+            self.stats[...] = s
+            if self.sync is not None:
+                s = self.sync(s)  # MPI: the global batch's sums (--sync-bn)
+            m_all = s[0]
+            shift = s[1 : 1 + c] / m_all  # mu - r
+            var = np.maximum(s[1 + c :] / m_all - shift * shift, 0.0)
+            inv = 1.0 / np.sqrt(var + self.eps)
+            self._m = m_all
+            xhat -= shift.astype(self.dtype).reshape(b)
+        else:
+            inv = 1.0 / np.sqrt(self.buf["running_var"].astype(np.float64) + self.eps)
+            np.subtract(x, r, out=xhat)
+        self._inv = inv.astype(self.dtype)
+        xhat *= self._inv.reshape(b)
+        np.multiply(xhat, self.p["weight"].reshape(b), out=y)
+        y += self.p["bias"].reshape(b)
+        self._xhat = xhat
+        return y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        c, b = self.channels, self._bshape
+        xhat = self._xhat
+        tmp = self.ws.like("sq", dy)
+        np.multiply(dy, xhat, out=tmp)
+        local = np.empty(2 * c)
+        local[:c] = np.sum(dy, axis=self._axes, dtype=np.float64)
+        local[c:] = np.sum(tmp, axis=self._axes, dtype=np.float64)
+        self.g["bias"][...] = local[:c]
+        self.g["weight"][...] = local[c:]
+        if not need_dx:
+            return None
+        dx = self.ws.like("dx", dy)
+        scale = (self.p["weight"] * self._inv).reshape(b)  # gamma / sqrt(var + eps)
+        if not self._train:
+            np.multiply(dy, scale, out=dx)
+            return dx
+        tot = self.sync(local) if self.sync is not None else local  # MPI: --sync-bn
+        m = self._m
+        # dx = scale * (dy - dbeta / M - xhat * dgamma / M)
+        np.multiply(xhat, (tot[c:] / m).astype(self.dtype).reshape(b), out=dx)
+        np.subtract(dy, dx, out=dx)
+        dx -= (tot[:c] / m).astype(self.dtype).reshape(b)
+        dx *= scale
+        return dx
+
+    def update_running_stats(self, s: np.ndarray) -> None:
+        """Fold batch sums s = [M, sum (x - r), sum (x - r)^2] (over the whole global batch)
+        into the running statistics, as torch does: running = (1 - m) * running + m * batch,
+        with the unbiased batch variance."""
+        c = self.channels
+        m_all = float(s[0])
+        if m_all <= 0:
+            return
+        r = self.buf["running_mean"].astype(np.float64)
+        shift = s[1 : 1 + c] / m_all
+        var = np.maximum(s[1 + c :] / m_all - shift * shift, 0.0)
+        unbiased = var * m_all / max(m_all - 1.0, 1.0)
+        mom = self.momentum
+        self.buf["running_mean"][...] = (1 - mom) * r + mom * (r + shift)
+        self.buf["running_var"][...] = (1 - mom) * self.buf["running_var"] + mom * unbiased
+        self.buf["num_batches_tracked"][...] += 1
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser (Steele, Lea, Flood 2014) on uint64 arrays, in place: a
+    bijection whose outputs look independent and uniform for consecutive inputs."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training y = x * keep / (1 - p), keep ~ Bernoulli(1 - p) per
+    element; in evaluation (and for p = 0) y = x. dx = dy * keep / (1 - p).
+
+    The mask is a pure function of (seed, step, layer, global sample index, element): with
+    key = mix(mix(mix(seed) + step) + layer), mix = splitmix64, element j of sample i (D
+    elements per sample) keeps when the 24-bit value mix(key + i*D + j) >> 40 is at least
+    round(p * 2^24). So a sample gets the same mask on 1 or N ranks, in any pass or
+    micro-batch, and a resumed run draws the masks an uninterrupted one does.
+    """
+
+    kind = "dropout"
+    owns_output = False  # evaluation and p = 0 pass x through
+
+    def __init__(self, in_shape: Shape, p: float, index: int, dtype: np.dtype = np.float32) -> None:
+        super().__init__(in_shape, dtype)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.prob = float(p)
+        self.index = int(index)  # which dropout layer of the model: its own masks
+        self.features = math.prod(self.in_shape)
+        self._scale: np.ndarray | None = None
+
+    def describe(self) -> str:
+        return f"dropout p={self.prob:g}"
+
+    def flops(self) -> int:
+        return self.features
+
+    def keep_mask(self, ctx: Pass, n: int) -> np.ndarray:
+        """(N, D) bool: which elements the pass keeps."""
+        key = np.zeros(1, np.uint64)
+        for v in (ctx.seed, ctx.step, self.index):  # key = mix(mix(mix(seed) + step) + layer)
+            key += np.uint64(v % 2**64)
+            _splitmix64(key)
+        ids = ctx.sample_ids(n).astype(np.uint64)
+        d = self.features
+        z = self.ws.get("z", (n, d), np.uint64)
+        np.multiply(ids[:, None], np.uint64(d), out=z)
+        z += np.arange(d, dtype=np.uint64)
+        z += key[0]
+        _splitmix64(z)
+        z >>= np.uint64(40)
+        keep = self.ws.get("keep", (n, d), np.bool_)
+        np.greater_equal(z, np.uint64(round(self.prob * (1 << 24))), out=keep)
+        return keep
+
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
+        if not ctx.train or self.prob == 0.0:
+            self._scale = None
+            return x
+        n = x.shape[0]
+        scale = self.ws.get("scale", (n, *self.in_shape))  # keep / (1 - p)
+        np.multiply(self.keep_mask(ctx, n).reshape(scale.shape), 1.0 / (1.0 - self.prob),
+                    out=scale)  # fmt: skip
+        y = self.ws.get("y", scale.shape)
+        np.multiply(x, scale, out=y)
+        self._scale = scale
+        return y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        if not need_dx:
+            return None
+        if self._scale is None:
+            return dy
+        dx = self.ws.get("dx", self._scale.shape)
+        np.multiply(dy, self._scale, out=dx)
+        return dx
+
+
+class GlobalAvgPool(Layer):
+    """(N, C, H, W) -> (N, C), the mean over each channel's H*W values (nn.AdaptiveAvgPool2d(1)
+    then flatten); dx = dy / (H*W) at every position."""
+
+    kind = "gap"
+
+    def __init__(self, in_shape: Shape, dtype: np.dtype = np.float32) -> None:
+        super().__init__(in_shape, dtype)
+        if len(self.in_shape) != 3:
+            raise ValueError(f"gap needs (C, H, W) inputs, got {self.in_shape}")
+        self.out_shape = (self.in_shape[0],)
+
+    def flops(self) -> int:
+        return math.prod(self.in_shape)
+
+    def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
+        n, c = x.shape[0], self.in_shape[0]
+        y = self.ws.get("y", (n, c))
+        np.sum(x, axis=(2, 3), out=y)
+        y *= 1.0 / (self.in_shape[1] * self.in_shape[2])
+        self._n = n
+        return y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        if not need_dx:
+            return None
+        dx = self.ws.get("dx", (self._n, *self.in_shape))
+        dx[...] = (dy * (1.0 / (self.in_shape[1] * self.in_shape[2])))[:, :, None, None]
+        return dx
 
 
 def softmax_cross_entropy(

@@ -7,6 +7,9 @@ Spec: comma-separated layers, e.g. the reference model (REFERENCE_SPEC)
     conv:F:K[:stride=S][:pad=same|valid|P]   F filters of K x K (K may be KHxKW), default same/1
     maxpool:K[:stride=S]  avgpool:K[:stride=S]   stride defaults to K
     relu  flatten  dense:OUT   a bare `dense` has num_classes outputs (the last layer must)
+    bn   batch norm per channel (after a conv) or per feature (after a dense layer)
+    dropout:P   inverted dropout with drop probability P in [0, 1)
+    gap  global average pooling (C, H, W) -> (C,)
 
 Parameters live in one flat buffer `params` (and gradients in `grads`) with one named view per
 tensor, named and shaped as PyTorch names them: conv1.weight (F, C, KH, KW), conv1.bias (F,),
@@ -29,8 +32,11 @@ from distcnn.layers import (
     EVAL,
     TRAIN,
     AvgPool2d,
+    BatchNorm,
     Conv2d,
+    Dropout,
     Flatten,
+    GlobalAvgPool,
     GridConv2d,
     Layer,
     Linear,
@@ -43,7 +49,7 @@ from distcnn.layers import (
 
 REFERENCE_SPEC = "conv:16:3,relu,maxpool:2,conv:32:3,relu,maxpool:2,flatten,dense:128,relu,dense"
 
-_NAME_PREFIX = {"conv": "conv", "dense": "fc"}
+_NAME_PREFIX = {"conv": "conv", "dense": "fc", "bn": "bn"}
 # loss_and_grad passes (Model.sub_batch): at most SUB_BATCH_BYTES of activations, but at least
 # PASS_PARAM_RATIO x the parameter bytes. The reference model then runs up to 84 images per pass
 # at any image size; 64 per pass measured fastest at 1 thread (docs/performance.md).
@@ -90,17 +96,18 @@ def parse_spec(spec: str) -> list[LayerSpec]:
         opts = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
         known = {"conv": (2, {"stride", "pad"}), "maxpool": (1, {"stride"}),
                  "avgpool": (1, {"stride"}), "relu": (0, set()), "flatten": (0, set()),
-                 "dense": (1, set())}  # fmt: skip
+                 "dense": (1, set()), "bn": (0, set()), "dropout": (1, set()),
+                 "gap": (0, set())}  # fmt: skip
         if kind not in known:
             raise UsageError(
                 f"unknown layer {token!r} in --model: use conv, relu, maxpool, avgpool, "
-                f"flatten, dense (e.g. {REFERENCE_SPEC!r})"
+                f"flatten, dense, bn, dropout, gap (e.g. {REFERENCE_SPEC!r})"
             )
         max_args, allowed = known[kind]
-        if len(args) > max_args or (kind == "conv" and len(args) != 2):
+        if len(args) > max_args or (kind in ("conv", "dropout") and len(args) != max_args):
             raise UsageError(
                 f"layer {token!r} has the wrong arguments: write conv:FILTERS:K, maxpool:K, "
-                "avgpool:K, dense:OUT (or a bare dense for the class layer)"
+                "avgpool:K, dense:OUT (or a bare dense for the class layer), dropout:P"
             )
         bad = set(opts) - allowed
         if bad:
@@ -171,7 +178,8 @@ def build_layers(
     specs = parse_spec(spec)
     layers: list[Layer] = []
     shape: tuple[int, ...] = tuple(input_shape)
-    counts = {"conv": 0, "dense": 0}
+    counts = {"conv": 0, "dense": 0, "bn": 0}
+    dropouts = 0
     i = 0
     while i < len(specs):
         ls = specs[i]
@@ -190,6 +198,22 @@ def build_layers(
                 layer = ReLU(shape, dtype, inplace=inplace)
             elif ls.kind == "flatten":
                 layer = Flatten(shape, dtype)
+            elif ls.kind == "bn":
+                layer = BatchNorm(shape, dtype)
+            elif ls.kind == "dropout":
+                try:
+                    prob = float(ls.args[0])
+                except ValueError:
+                    prob = -1.0
+                if not 0.0 <= prob < 1.0:
+                    raise UsageError(
+                        f"layer {ls.text!r}: the drop probability must be a number in [0, 1); "
+                        "e.g. dropout:0.25"
+                    )
+                dropouts += 1
+                layer = Dropout(shape, prob, dropouts, dtype)
+            elif ls.kind == "gap":
+                layer = GlobalAvgPool(shape, dtype)
             else:
                 width = _int(ls.args[0], ls.text, "width") if ls.args else num_classes
                 layer = Linear(shape, width, dtype)
@@ -245,11 +269,20 @@ class Model:
                 shapes[f"{layer.name}.{key}"] = shape
         self.param_shapes = shapes
         self.num_params = sum(math.prod(s) for s in shapes.values())
+        # Batch norm: running statistics (buffers, not trained; saved in checkpoints under
+        # PyTorch's names bn1.running_mean, bn1.running_var, bn1.num_batches_tracked) and the
+        # batch sums of a train pass, kept at the end of the reduce buffer (after the caller's
+        # grad_extra slots) so the ranks' sums ride in the gradient's collective.
+        self.norms = [layer for layer in self.layers if isinstance(layer, BatchNorm)]
+        self.buffers: dict[str, np.ndarray] = {
+            f"{layer.name}.{key}": a for layer in self.norms for key, a in layer.buf.items()
+        }
+        self.num_stats = sum(layer.num_stats() for layer in self.norms)
         self.params = np.zeros(self.num_params, dtype=self.dtype)  # (P,)
         # grad_buffer has `grad_extra` spare slots after the gradient, so a trainer can reduce
         # the gradient and a few scalars (loss, accuracy, flags) in a single collective.
         # grad_alloc(n, dtype), when given, supplies it zeroed (Comm.reduce_buffer: shared memory).
-        n_grad = self.num_params + grad_extra
+        n_grad = self.num_params + grad_extra + self.num_stats
         if grad_alloc is None:
             self.grad_buffer = np.zeros(n_grad, dtype=self.dtype)
         else:
@@ -258,6 +291,14 @@ class Model:
                 got = f"{self.grad_buffer.shape} {self.grad_buffer.dtype}"
                 raise ValueError(f"grad_alloc gave {got}, not ({n_grad},) {self.dtype}")
         self.grads = self.grad_buffer[: self.num_params]  # (P,)
+        self.stat_offset = self.num_params + grad_extra
+        self.stat_sums = self.grad_buffer[self.stat_offset :]  # (S,) bn batch sums, float64 math
+        self._stat_views: list[slice] = []
+        offset = self.stat_offset
+        for layer in self.norms:
+            self._stat_views.append(slice(offset, offset + layer.num_stats()))
+            layer.stats = self.grad_buffer[offset : offset + layer.num_stats()]
+            offset += layer.num_stats()
         self.param_views = self.views_of(self.params)
         self.grad_views = self.views_of(self.grads)
         for layer in self.layers:
@@ -288,15 +329,39 @@ class Model:
         return views
 
     def init_params(self, seed: int) -> None:
-        """He (Kaiming) normal weights, std sqrt(2 / fan_in); zero biases. Decided by seed alone."""
+        """He (Kaiming) normal weights, std sqrt(2 / fan_in); zero biases; batch norm weight 1,
+        running mean 0, running variance 1 (as PyTorch). Decided by seed alone."""
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+        norm_weights = {f"{layer.name}.weight" for layer in self.norms}
         for name, view in self.param_views.items():
             if name.endswith(".bias"):
                 view[...] = 0
+            elif name in norm_weights:
+                view[...] = 1
             else:
                 fan_in = math.prod(view.shape[1:])
                 std = math.sqrt(2.0 / fan_in)
                 view[...] = rng.standard_normal(view.shape, dtype=np.float64) * std
+        for layer in self.norms:
+            layer.buf["running_mean"][...] = 0
+            layer.buf["running_var"][...] = 1
+            layer.buf["num_batches_tracked"][...] = 0
+
+    def update_running_stats(self, sums: np.ndarray | None = None) -> None:
+        """Fold the batch sums of the last train pass(es) into every batch norm's running
+        statistics. sums: the stat_sums part of a reduce buffer after the ranks' sums were
+        added (the whole global batch); default this model's own (one process)."""
+        buf = self.grad_buffer if sums is None else sums
+        base = 0 if sums is None else self.stat_offset
+        for layer, sl in zip(self.norms, self._stat_views, strict=True):
+            a = buf[sl.start - base : sl.stop - base]
+            layer.update_running_stats(np.asarray(a, dtype=np.float64))
+
+    def set_norm_sync(self, sync: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        """--sync-bn: every batch norm normalises with the global batch's statistics, summing
+        its float64 vectors over ranks with `sync` (None: each pass's own batch)."""
+        for layer in self.norms:
+            layer.sync = sync
 
     def forward(self, x: np.ndarray, ctx: Pass = TRAIN) -> np.ndarray:
         """x (N, C, H, W) -> logits (N, num_classes): each layer's forward, in order; the result
@@ -326,28 +391,33 @@ class Model:
                 timed[i, 1] += time.perf_counter() - t
 
     def loss_and_grad(
-        self, x: np.ndarray, labels: np.ndarray, scale: float = 1.0
+        self, x: np.ndarray, labels: np.ndarray, scale: float = 1.0, ctx: Pass = TRAIN
     ) -> tuple[float, int]:
-        """Forward and backward on one batch. grads = scale * d(sum of CE losses)/d(params).
+        """Forward and backward on one batch. grads = scale * d(sum of CE losses)/d(params);
+        batch norms write their batch sums into stat_sums. ctx: the samples' identity
+        (dropout masks); a training pass.
 
         Returns (sum of per-sample losses, number correct). An empty batch gives zero gradients.
         """
         n = x.shape[0]
         if n == 0:
             self.grads[...] = 0
+            self.stat_sums[...] = 0
             return 0.0, 0
         step = self.sub_batch(n)
         if step >= n:
-            return self._loss_and_grad(x, labels, scale)
+            return self._loss_and_grad(x, labels, scale, ctx)
         # Sub-batches of `step` images, gradients summed: the same gradient up to rounding, with
         # a working set that stays in cache. A function of n only, so --deterministic holds.
         acc = self._grad_sum
         if acc is None or acc.size != self.num_params:
             acc = self._grad_sum = np.empty_like(self.grads)
         loss, correct = 0.0, 0
+        ids = ctx.sample_ids(n)
         for s in range(0, n, step):
+            part = Pass(ctx.train, ctx.seed, ctx.step, ids[s : s + step])
             part_loss, part_correct = self._loss_and_grad(
-                x[s : s + step], labels[s : s + step], scale
+                x[s : s + step], labels[s : s + step], scale, part
             )
             loss += part_loss
             correct += part_correct
@@ -362,6 +432,8 @@ class Model:
         """Images per forward/backward pass in loss_and_grad for a batch of n: as many as keep
         the estimated activations (`activation_bytes` per image) within `sub_batch_bytes`, split
         evenly (with at most 84 per pass, 100 images run as 2 passes of 50)."""
+        if self.norms:
+            return n  # batch statistics are those of the whole batch: one pass
         act = self.activation_bytes()
         # Each pass also reads the weights and writes and sums a full gradient, so a pass
         # carries at least pass_param_ratio x the parameter bytes in activations (wide dense
@@ -376,9 +448,11 @@ class Model:
         layer's output and its gradient, plus a convolution's im2col columns and theirs)."""
         return sum(layer.live_elements() for layer in self.layers) * self.dtype.itemsize
 
-    def _loss_and_grad(self, x: np.ndarray, labels: np.ndarray, scale: float) -> tuple[float, int]:
+    def _loss_and_grad(
+        self, x: np.ndarray, labels: np.ndarray, scale: float, ctx: Pass
+    ) -> tuple[float, int]:
         t0 = time.perf_counter()
-        logits = self.forward(x)
+        logits = self.forward(x, ctx)
         if self._dlogits is None or self._dlogits.shape[0] < logits.shape[0]:
             self._dlogits = np.empty_like(logits)
         loss, correct, dlogits = softmax_cross_entropy(

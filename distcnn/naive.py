@@ -258,6 +258,119 @@ def linear_backward_naive(
 
 
 # --------------------------------------------------------------------------------------------
+# Batch normalisation, dropout, global average pooling
+
+
+def batchnorm_forward_naive(
+    x: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    eps: float,
+    mean: np.ndarray | None = None,
+    var: np.ndarray | None = None,
+) -> np.ndarray:
+    """``y = gamma * (x - mu) / sqrt(var + eps) + beta`` per channel c (axis 1).
+
+    x: (N, C, H, W) or (N, C). Training (mean, var None): mu and the biased var are those of
+    the batch's N*H*W values of each channel, summed in loops; evaluation: the given (C,)
+    running mean and variance. -> y: shape and dtype of x.
+    """
+    x4 = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, L)
+    N, C, L = x4.shape
+    y = np.zeros_like(x4)
+    for c in range(C):
+        if mean is None:
+            total = 0.0
+            for n in range(N):
+                for i in range(L):
+                    total += float(x4[n, c, i])
+            mu = total / (N * L)
+            sq = 0.0
+            for n in range(N):
+                for i in range(L):
+                    sq += (float(x4[n, c, i]) - mu) ** 2
+            v = sq / (N * L)
+        else:
+            mu, v = float(mean[c]), float(var[c])
+        for n in range(N):
+            for i in range(L):
+                y[n, c, i] = gamma[c] * (x4[n, c, i] - mu) / np.sqrt(v + eps) + beta[c]
+    return y.reshape(x.shape)
+
+
+def batchnorm_backward_naive(
+    x: np.ndarray, gamma: np.ndarray, eps: float, dy: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of ``sum(batchnorm_forward_naive(x, gamma, beta, eps) * dy)`` in training mode,
+    by the chain rule through mu and var written out per element:
+
+        dxhat_i = dy_i * gamma
+        dvar    = sum_i dxhat_i * (x_i - mu) * (-1/2) * (var + eps)^(-3/2)
+        dmu     = sum_i -dxhat_i / sqrt(var + eps)  (+ dvar * sum_i -2 (x_i - mu) / M, which is 0)
+        dx_i    = dxhat_i / sqrt(var + eps) + dvar * 2 (x_i - mu) / M + dmu / M
+
+    x, dy: (N, C, H, W) or (N, C) -> dx (shape of x), dgamma (C,), dbeta (C,).
+    """
+    x4 = x.reshape(x.shape[0], x.shape[1], -1).astype(np.float64)
+    d4 = dy.reshape(x4.shape).astype(np.float64)
+    N, C, L = x4.shape
+    M = N * L
+    dx = np.zeros_like(x4)
+    dgamma = np.zeros(C)
+    dbeta = np.zeros(C)
+    for c in range(C):
+        vals = x4[:, c, :]
+        mu = vals.sum() / M
+        var = ((vals - mu) ** 2).sum() / M
+        inv = 1.0 / np.sqrt(var + eps)
+        dvar = 0.0
+        dmu = 0.0
+        for n in range(N):
+            for i in range(L):
+                dxhat = d4[n, c, i] * gamma[c]
+                dvar += dxhat * (vals[n, i] - mu) * -0.5 * inv**3
+                dmu += -dxhat * inv
+                dgamma[c] += d4[n, c, i] * (vals[n, i] - mu) * inv
+                dbeta[c] += d4[n, c, i]
+        for n in range(N):
+            for i in range(L):
+                dxhat = d4[n, c, i] * gamma[c]
+                dx[n, c, i] = dxhat * inv + dvar * 2 * (vals[n, i] - mu) / M + dmu / M
+    dt = dy.dtype
+    return dx.reshape(x.shape).astype(dt), dgamma.astype(dt), dbeta.astype(dt)
+
+
+def dropout_forward_naive(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray:
+    """``y = x * keep / (1 - p)`` element by element; keep: bool, x's shape."""
+    y = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        y[idx] = x[idx] / (1.0 - p) if keep[idx] else 0
+    return y
+
+
+def gap_forward_naive(x: np.ndarray) -> np.ndarray:
+    """Mean over each channel's H*W values. x: (N, C, H, W) -> y: (N, C), dtype of x."""
+    N, C, H, W = x.shape
+    y = np.zeros((N, C), dtype=x.dtype)
+    for n in range(N):
+        for c in range(C):
+            y[n, c] = sum(float(x[n, c, i, j]) for i in range(H) for j in range(W)) / (H * W)
+    return y
+
+
+def gap_backward_naive(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Each of a channel's H*W inputs gets dy / (H*W). -> dx: (N, C, H, W), dtype of dy."""
+    N, C, H, W = x.shape
+    dx = np.zeros(x.shape, dtype=dy.dtype)
+    for n in range(N):
+        for c in range(C):
+            for i in range(H):
+                for j in range(W):
+                    dx[n, c, i, j] = dy[n, c] / (H * W)
+    return dx
+
+
+# --------------------------------------------------------------------------------------------
 # Loss
 
 

@@ -1,5 +1,5 @@
 """A trained model back from a checkpoint, for the commands that use one (evaluate, predict,
-export). No MPI and no training state here: parameters only."""
+export). No MPI and no training state here: parameters and batch norm statistics only."""
 
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ def load_model(path: str | os.PathLike) -> tuple[Model, ckpt.Checkpoint]:
     """The model a checkpoint describes, with its parameters loaded (UsageError if unusable)."""
     ck = ckpt.load(path)  # CheckpointError (a UsageError) names the file and the problem
     model = Model(ck.model, tuple(ck.input_shape), ck.num_classes, np.float32)
-    ckpt.check_fits(ck, model.param_shapes, ck.num_classes, str(path))
+    ckpt.check_fits(ck, model.param_shapes, ck.num_classes, str(path), buffers=model.buffers,
+                    optimizer_state=())  # fmt: skip
     for name, view in model.param_views.items():
         view[...] = ck.params[name]
+    for name, a in model.buffers.items():
+        a[...] = ck.buffers[name]
     return model, ck
 
 

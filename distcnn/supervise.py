@@ -798,8 +798,10 @@ class Supervisor:
                 return self.finish(
                     "stopped", code, f"stopped by {self.signal_name}; not restarting"
                 )
-            state, code = {"done": ("done", 0), "bad-input": ("bad-input", 2)}.get(
-                a.outcome, ("interrupted", 130)
+            # supervisor.json's final states are done, failed and stopped (the attempt's
+            # outcome says more)
+            state, code = {"done": ("done", 0), "bad-input": ("failed", 2)}.get(
+                a.outcome, ("stopped", 130)
             )
             return self.finish(state, code)
         delay = 0.0

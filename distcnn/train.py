@@ -45,12 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     from distcnn import config
 
     out = io.StringIO()
+    err, flags = None, {}
     try:
         # --help / --version print on rank 0 only
         with contextlib.redirect_stdout(out if rank else sys.stdout):
             flags = config.parse_flags(argv)
     except UsageError as e:
-        return _error(str(e)) if rank == 0 else 2
+        err = str(e)
+    except SystemExit:  # --help / --version: done, on every rank (one printed it)
+        raise
+    from distcnn import agree
+
+    # MPI: a flag refused on some ranks only (MPMD launches, another command line per host)
+    # must not leave the others waiting in the next collective
+    err = agree.early_settle(world, err, config.DEFAULTS["collective_timeout"])
+    if err:
+        return _error(err) if rank == 0 else 2
 
     # Rank 0 reads --config (bounded: a regular file of at most 1 MiB, so it cannot hang) and
     # every rank gets its settings; the thread count they name must be known before NumPy loads.
@@ -92,15 +102,20 @@ def _agree(comm: Any, err: str | None) -> int | None:
     """MPI: every rank learns the first error any rank hit during setup (a usage error: exit
     2) or a stop signal any rank got (exit 0, or 130 for SIGINT: nothing trained yet, so
     nothing to save); None when setup goes on. Rank 0 prints the one line."""
+    # MPI: point to point, so a rank whose setup failed alone (while the others went on into
+    # a collective) still ends the job with its own message, within seconds (Comm.settle)
+    err = comm.settle(err, "setup check")
+    if err:
+        return _error(err) if comm.rank == 0 else 2
+    return _stop_check(comm)
+
+
+def _stop_check(comm: Any) -> int | None:
+    """MPI: whether any rank got a stop signal during start-up; the exit code if so."""
     stop = signals.STOP
-    got = comm.gather_objects((err, stop.requested, stop.interrupted), "setup check")  # MPI
-    errors = [e for e, _, _ in got]
-    for r, e in enumerate(errors):
-        if e:
-            msg = e if r == 0 or all(x == e for x in errors if x) else f"[rank {r}] {e}"
-            return _error(msg) if comm.rank == 0 else 2
-    if any(requested for _, requested, _ in got):
-        interrupted = any(i for _, _, i in got)
+    got = comm.gather_objects((stop.requested, stop.interrupted), "start-up signals")  # MPI
+    if any(requested for requested, _ in got):
+        interrupted = any(i for _, i in got)
         what, code = ("interrupted", 130) if interrupted else ("preempted", 0)
         if comm.rank == 0:
             print(
@@ -150,6 +165,18 @@ def _run(
             # every rank: pin one thread unless --threads names the count.
             n_threads, thread_source = 1, "--deterministic"
             threads.apply(1)
+    except UsageError as e:
+        err = str(e)
+    from distcnn import agree
+
+    # MPI: config, model, dataset and versions agree with rank 0's (an error above joins the
+    # same gather, so a rank that failed alone is named); rank 0 prints the rank table
+    err, rank_table = agree.check(comm, None if err else cfg, err)
+    if err:
+        return _error(err) if comm.rank == 0 else 2
+    if comm.rank == 0 and not cfg.dry_run:
+        print("\n".join(rank_table), flush=True)
+    try:
         if cfg.dry_run:
             if comm.rank == 0:
                 _dry_run(cfg, n_threads, thread_source, comm.size)
@@ -165,7 +192,9 @@ def _run(
     except UsageError as e:
         err = str(e)
     try:
-        return _train(cfg, comm, err, warnings, resume, decision, run, n_threads, thread_source)
+        return _train(
+            cfg, comm, err, warnings, resume, decision, run, rank_table, n_threads, thread_source
+        )
     finally:
         if run is not None:
             run.release()
@@ -179,6 +208,7 @@ def _train(
     resume: Any,
     decision: dict[str, Any],
     run: RunDir | None,
+    rank_table: list[str],
     n_threads: int,
     thread_source: str,
 ) -> int:
@@ -203,7 +233,11 @@ def _train(
     if code is not None:
         return code
     assert trainer is not None
+    from distcnn import agree
+
     trainer.start()
+    if trainer.state.step < trainer.total_steps:  # this attempt's ranks, in the metrics log
+        trainer.console.record(agree.table_record(rank_table, trainer.state.step))
     if comm.rank == 0:
         print(f"run {decision['run_id']} in {cfg.checkpoint_dir}", flush=True)
         print(f"threads per rank: {n_threads} (from {thread_source})", flush=True)
@@ -245,7 +279,7 @@ def _resume_decision(flags: dict[str, Any], toml: dict[str, Any]) -> tuple[dict[
     else:
         path = resume
     ck = ckpt.load(path)
-    meta = dataclasses.replace(ck, params={}, velocity={})  # what the other ranks need
+    meta = dataclasses.replace(ck, params={}, velocity={}, optimizer_state={}, buffers={})
     notes.append(f"resuming from {path} at step {ck.step} (written by {ck.world_size} rank(s))")
     # settings marked inherit=False (e.g. --max-steps, which limits one invocation) are not
     # taken from the checkpoint; the others are type- and range-checked like flags

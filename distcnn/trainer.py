@@ -25,12 +25,13 @@ from distcnn import checkpoint as ckpt
 from distcnn import data as datamod
 from distcnn import signals
 from distcnn.comm import Comm
-from distcnn.config import Config
+from distcnn.config import Config, parse_betas
 from distcnn.errors import UsageError
 from distcnn.faults import fault_from_env, inject_fault, slow_from_env
+from distcnn.layers import Pass
 from distcnn.metrics import Console, LogWindow, Metrics, Phases
 from distcnn.model import REFERENCE_SPEC, Model
-from distcnn.optim import SGD, learning_rate
+from distcnn.optim import learning_rate, make_optimizer
 from distcnn.progress import Progress, fmt_metric, hms, profile_table
 from distcnn.rundir import RunDir, new_run_id
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
@@ -137,8 +138,16 @@ class Trainer:
         self.n_params = self.model.num_params
         # The reduce buffer: [gradient (P) | loss sum | correct | stop flag]; grads are a view.
         self.red = self.model.grad_buffer
-        self.opt = SGD(self.model.params, cfg.momentum, cfg.weight_decay)
-        self.velocity_views = self.model.views_of(self.opt.velocity)
+        self.opt = make_optimizer(
+            cfg.optimizer,
+            self.model.params,
+            cfg.momentum,
+            cfg.weight_decay,
+            parse_betas(cfg.betas),
+            cfg.eps,
+        )
+        # named views of each optimizer state buffer (velocity; or exp_avg, exp_avg_sq)
+        self.opt_views = {k: self.model.views_of(v) for k, v in self.opt.state.items()}
         self.state = TrainState()
         self.phases = Phases()
         self.status: StatusFile | None = None  # rank 0's status.json, from start()
@@ -226,16 +235,30 @@ class Trainer:
         if resume is None:
             self.model.init_params(self.cfg.seed)
             return
+        trained = (resume.config or {}).get("optimizer", "sgd")
+        if trained != self.cfg.optimizer:
+            raise UsageError(
+                f"checkpoint {path} was trained with --optimizer {trained}, not "
+                f"{self.cfg.optimizer}: its optimizer state does not carry over; resume with "
+                f"--optimizer {trained}"
+            )
         ckpt.check_fits(
             resume,
             self.model.param_shapes,
             self.model.num_classes,
             str(path),
             self.model.input_shape,
+            buffers=self.model.buffers,
+            optimizer_state=tuple(self.opt.state),
         )
+        saved = {"velocity": resume.velocity, **resume.optimizer_state}
         for name, view in self.model.param_views.items():
             view[...] = resume.params[name]
-            self.velocity_views[name][...] = resume.velocity[name]
+            for state, views in self.opt_views.items():
+                views[name][...] = saved[state][name]
+        for name, a in self.model.buffers.items():
+            a[...] = resume.buffers[name]
+        self.opt.steps = int(resume.extra.get("optimizer_steps", resume.step))
 
     def _check_same_train_split(self, resume: ckpt.Checkpoint, path: str) -> None:
         """The data order and the position in it only mean the same thing on the same training
@@ -263,7 +286,13 @@ class Trainer:
         if st.step < self.total_steps:  # a run with nothing to do changes no file
             self._open_run_files()
         self.comm.bcast(self.model.params, 0, "initial parameters")
-        self.comm.bcast(self.opt.velocity, 0, "optimizer state")
+        for name, buf in self.opt.state.items():
+            self.comm.bcast(buf, 0, f"optimizer state {name}")
+        small = {"optimizer_steps": self.opt.steps, "buffers": self.model.buffers}
+        small = self.comm.bcast_object(small, 0, "optimizer steps and batch norm statistics")
+        self.opt.steps = small["optimizer_steps"]
+        for name, a in self.model.buffers.items():
+            a[...] = small["buffers"][name]
         if self.comm.size > 1:  # MPI: for naming stragglers
             self.stragglers.hosts = self.comm.gather_objects(socket.gethostname(), "host names")
 
@@ -331,7 +360,7 @@ class Trainer:
             lo, hi = shard_bounds(n, comm.size, comm.rank)
             x = self.train.batch(batch[lo:hi], out=self.xbuf)
             labels = self.train.labels[batch[lo:hi]]
-            loss, correct = model.loss_and_grad(x, labels, scale=1.0 / n)
+            loss, correct = model.loss_and_grad(x, labels, 1.0 / n, self._pass(batch[lo:hi]))
             red[P], red[P + 1] = loss, correct
             self._control_slots(red, t)
             self._maybe_inject_nan(red)
@@ -347,8 +376,10 @@ class Trainer:
         sec["data"] += (now - t) - fwd - bwd - (comm.comm_seconds - comm0)
         t = now
         grads = red[:P]
-        finite = bool(np.isfinite(red[: P + 2].sum()))
+        stats = red[model.stat_offset :]  # batch norm sums of the whole global batch
+        finite = bool(np.isfinite(red[: P + 2].sum()) and np.isfinite(stats.sum()))
         if finite:
+            model.update_running_stats(stats)
             scale = 1.0
             if cfg.clip_norm is not None:
                 norm = float(np.sqrt(np.dot(grads, grads)))
@@ -357,7 +388,9 @@ class Trainer:
             self.opt.step(grads, self.lr_at(self.state.step), scale)
         self.phases.add("optimizer", t)
         self.interrupted = bool(red[P + 3] > 0)
-        self.straggler_records = self.stragglers.window(self.state.step + 1, red[P + EXTRA :])
+        self.straggler_records = self.stragglers.window(
+            self.state.step + 1, red[P + EXTRA : P + EXTRA + comm.size]
+        )
         return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0), finite
 
     def _control_slots(self, buf: np.ndarray, t0: float) -> None:
@@ -371,11 +404,16 @@ class Trainer:
         # only this rank's slot is ever non-zero going in; an in-place allreduce leaves every
         # rank's time in the buffer after a window step, so the next step clears the slots
         if buf is not self.red or self._slots_dirty:
-            buf[P + EXTRA :] = 0.0
+            buf[P + EXTRA : P + EXTRA + self.comm.size] = 0.0
             self._slots_dirty = False
         if value:
             buf[P + EXTRA + self.comm.rank] = value
             self._slots_dirty = True
+
+    def _pass(self, ids: np.ndarray) -> Pass:
+        """A training pass over the samples `ids` (global dataset indices) at this step: what
+        the dropout masks depend on, so they do not depend on the rank count."""
+        return Pass(True, self.cfg.seed, self.state.step, ids)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the step after `step` steps done."""
@@ -402,7 +440,9 @@ class Trainer:
         for m in range(comm.rank * per_rank, (comm.rank + 1) * per_rank):
             lo, hi = shard_bounds(n, DET_SHARDS, m)
             x = self.train.batch(batch[lo:hi], out=self.xbuf)
-            loss, correct = self.model.loss_and_grad(x, self.train.labels[batch[lo:hi]], 1.0 / n)
+            loss, correct = self.model.loss_and_grad(
+                x, self.train.labels[batch[lo:hi]], 1.0 / n, self._pass(batch[lo:hi])
+            )
             self.red[P], self.red[P + 1] = loss, correct
             buf = free.pop()
             buf[...] = self.red
@@ -421,14 +461,16 @@ class Trainer:
         while len(parts) > 1:
             parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
         self.red[...] = parts[0]
-        self.red[P + 2 :] = self.gathered[:, P + 2 :].sum(axis=0)  # flags and slots: one each
+        # flags and straggler slots: each set by one rank only, so a plain sum
+        end = P + EXTRA + comm.size
+        self.red[P + 2 : end] = self.gathered[:, P + 2 : end].sum(axis=0)
 
     # -- the run ----------------------------------------------------------------------------
 
     def checkpoint_state(self) -> ckpt.Checkpoint:
         return ckpt.Checkpoint(
             params={k: v.copy() for k, v in self.model.param_views.items()},
-            velocity={k: v.copy() for k, v in self.velocity_views.items()},
+            velocity={k: v.copy() for k, v in self.opt_views.get("velocity", {}).items()},
             step=self.state.step,
             epoch=self.state.epoch,
             offset=self.state.offset,
@@ -439,7 +481,17 @@ class Trainer:
             input_shape=self.model.input_shape,
             model=self.model.spec,
             config=self.cfg.as_dict(),
-            extra={"log_state": self.state.log.as_saved(), "train_size": len(self.train)},
+            extra={
+                "log_state": self.state.log.as_saved(),
+                "optimizer_steps": self.opt.steps,
+                "train_size": len(self.train),
+            },
+            optimizer_state={
+                state: {k: v.copy() for k, v in views.items()}
+                for state, views in self.opt_views.items()
+                if state != "velocity"
+            },
+            buffers={k: v.copy() for k, v in self.model.buffers.items()},
             run_id=self.run_id,
         )
 

@@ -63,3 +63,22 @@ def run_train(
     return subprocess.run(
         cmd, env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """Three simulated hosts (tests/netns.py) for the whole session, always deleted at the end;
+    skips, saying why, where they cannot be made (not root, no `ip`/`unshare`, no Hydra)."""
+    import netns
+
+    why = netns.unavailable()
+    if why and os.environ.get("DISTCNN_REQUIRE_MULTIHOST"):  # set by .ci/run: no silent skip
+        pytest.fail(f"DISTCNN_REQUIRE_MULTIHOST is set but {why}")
+    if why:
+        pytest.skip(why)
+    netns.remove_stale()
+    c = netns.Cluster(3, tmp_path_factory.mktemp("netns"))
+    try:
+        yield c
+    finally:
+        c.close()

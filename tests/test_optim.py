@@ -69,3 +69,50 @@ def test_learning_rate_schedules() -> None:
     )
     with pytest.raises(ValueError, match="unknown schedule 'linear'"):
         learning_rate("linear", base, 0, total)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_adam_and_adamw_follow_the_torch_formulas(name: str, wd: float) -> None:
+    """m, v, bias corrections and the (coupled or decoupled) weight decay, against float64."""
+    from distcnn.optim import make_optimizer
+
+    rng = np.random.default_rng(3)
+    p = rng.standard_normal(800).astype(np.float32)
+    b1, b2, eps = 0.8, 0.99, 1e-6
+    opt = make_optimizer(name, p, weight_decay=wd, betas=(b1, b2), eps=eps)
+    p64, m, v = p.astype(np.float64), np.zeros(800), np.zeros(800)
+    for t, lr in enumerate((0.01, 0.003, 0.02, 0.001, 0.01), start=1):
+        g = rng.standard_normal(800).astype(np.float32)
+        scale = 0.5 if t == 3 else 1.0
+        opt.step(g, lr, scale)
+        g64 = g.astype(np.float64) * scale
+        if name == "adamw":
+            p64 = p64 * (1 - lr * wd)
+        else:
+            g64 = g64 + wd * p64
+        m = b1 * m + (1 - b1) * g64
+        v = b2 * v + (1 - b2) * g64**2
+        p64 = p64 - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        np.testing.assert_allclose(opt.exp_avg, m, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(opt.exp_avg_sq, v, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(p, p64, rtol=1e-5, atol=1e-6)
+    assert opt.steps == 5 and set(opt.state) == {"exp_avg", "exp_avg_sq"}
+
+
+def test_adam_matches_torch_optim_when_torch_is_present() -> None:
+    torch = pytest.importorskip("torch")
+    from distcnn.optim import make_optimizer
+
+    rng = np.random.default_rng(4)
+    for name, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        p = rng.standard_normal(300).astype(np.float32)
+        tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
+        ours = make_optimizer(name, p, weight_decay=0.05, betas=(0.85, 0.98), eps=1e-7)
+        theirs = cls([tp], lr=0.01, betas=(0.85, 0.98), eps=1e-7, weight_decay=0.05)
+        for _ in range(4):
+            g = rng.standard_normal(300).astype(np.float32)
+            ours.step(g, 0.01)
+            tp.grad = torch.from_numpy(g.copy())
+            theirs.step()
+        np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -210,7 +210,7 @@ def test_bad_input_on_a_restart_stops_with_exit_2(fake: Fake) -> None:
     assert fake.run(plan, []) == 2
     assert len(fake.calls()) == 2
     assert [a["outcome"] for a in fake.doc()["attempts"]] == ["failed", "bad-input"]
-    assert fake.doc()["state"] == "bad-input"
+    assert fake.doc()["state"] == "failed"
 
 
 @pytest.mark.parametrize("how", ["output", "status"])
@@ -285,24 +285,45 @@ def test_min_ranks_is_a_floor(fake: Fake, capsys) -> None:
     assert "--min-ranks 3" in err and fake.doc()["state"] == "failed"
 
 
-def test_sigterm_to_the_supervisor_reaches_the_job_and_stops(fake: Fake) -> None:
-    (fake.dir / "plan.json").write_text(json.dumps([{"term": 0}, {"exit": 0}]))
-    cmd = [sys.executable, "-m", "distcnn.supervise", "--launcher", fake.launcher, "--"]
+def start_supervisor(fake: Fake, plan: list[dict], own: list[str]) -> subprocess.Popen:
+    (fake.dir / "plan.json").write_text(json.dumps(plan))
+    cmd = [sys.executable, "-m", "distcnn.supervise", "--launcher", fake.launcher, *own, "--"]
     cmd += ["--checkpoint-dir", str(fake.run_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize(
+    ("sig", "job_code", "code"), [("SIGTERM", 0, 0), ("SIGUSR1", 0, 0), ("SIGINT", 130, 130)]
+)
+def test_a_signal_to_the_supervisor_reaches_the_job_and_stops(
+    fake: Fake, sig: str, job_code: int, code: int
+) -> None:
+    p = start_supervisor(fake, [{"term": job_code}, {"exit": 0}], [])
     assert p.stdout is not None
     for line in p.stdout:  # the job is up
         if "waiting for a signal" in line:
             break
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.Signals[sig])
     out, err = p.communicate(timeout=30)
-    assert p.returncode == 0, err
-    assert "fake job got SIGTERM" in out
+    assert p.returncode == code, err
+    assert f"fake job got {sig}" in out  # passed on, once
     assert len(fake.calls()) == 1  # not restarted
     doc = fake.doc()
     assert doc["state"] == "stopped" and doc["attempts"][0]["outcome"] == "stopped"
-    assert "stopped by SIGTERM; not restarting" in err
+    assert f"stopped by {sig}; not restarting" in err
+
+
+def test_sigterm_during_the_backoff_stops_without_restarting(fake: Fake) -> None:
+    p = start_supervisor(fake, [{"exit": 1}], ["--backoff", "60"])
+    assert p.stderr is not None
+    for line in p.stderr:
+        if "restarting after a failure in 60 s" in line:
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and len(fake.calls()) == 1
+    assert fake.doc()["state"] == "stopped" and "stopped by SIGTERM" in err
 
 
 @pytest.mark.parametrize(
@@ -471,7 +492,7 @@ def test_chaos_run_heals_itself_and_matches_an_uninterrupted_run(
     t_ref = time.perf_counter() - t0
     assert r.returncode == 0, r.stdout + r.stderr
 
-    faults = chaos_faults(seed=12, every=every)
+    faults = chaos_faults(int(os.environ.get("CHAOS_SEED", "12")), every=every)
     spec = ",".join(f"{rank}:{step}:{mode}@{n}" for n, (rank, step, mode) in enumerate(faults))
     t0 = time.perf_counter()
     r = subprocess.run(
@@ -504,16 +525,15 @@ def test_chaos_run_heals_itself_and_matches_an_uninterrupted_run(
     # the step each attempt reached, and where the next one resumed: nothing lost beyond the
     # checkpoint interval (the save of step c2 was killed, so that attempt loses `every` steps)
     assert [x["step_reached"] for x in attempts] == [k1 - 1, c2, h3 - 1, k4 - 1, total]
-    expect_resume = [
-        None,
-        (k1 - 1) // every * every,
-        c2 - every,
-        (h3 - 1) // every * every,
-        (k4 - 1) // every * every,
-    ]
+
+    def ckpt_before(step: int) -> int | None:  # the newest checkpoint at or before a step
+        return step // every * every or None
+
+    expect_resume = [None, ckpt_before(k1 - 1), c2 - every, ckpt_before(h3 - 1)]
+    expect_resume.append(ckpt_before(k4 - 1))
     assert [x["resumed_from"] for x in attempts] == expect_resume
     for prev, nxt in zip(attempts, attempts[1:], strict=False):
-        assert prev["step_reached"] - nxt["resumed_from"] <= every
+        assert prev["step_reached"] - (nxt["resumed_from"] or 0) <= every
     assert f"removed {run / ckpt.file_name(c2)}{ckpt.TMP_SUFFIX}, left by an interrupted" in out
     assert attempts[2]["failing_rank"] == h3r  # named by the watchdog
     here = socket.gethostname().split(".")[0]
@@ -528,9 +548,17 @@ def test_chaos_run_heals_itself_and_matches_an_uninterrupted_run(
     status = run / "status.json"
     if status.exists():  # written by the trainer from DISTCNN_RESTARTS
         assert json.loads(status.read_text())["restarts"] == 4
+    # where a restart's time goes: from the end of an attempt to the next one's first step
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    times = [x["time"] for x in steps if x["kind"] == "step"]
+    gaps = [
+        min(t for t in times if t >= nxt["start"]) - prev["end"]
+        for prev, nxt in zip(attempts, attempts[1:], strict=False)
+    ]
     print(
         f"chaos run: uninterrupted {t_ref:.1f} s, supervised {t_sup:.1f} s with 4 restarts "
-        f"(one 3 s watchdog wait): {(t_sup - t_ref) / 4:.1f} s per restart"
+        f"(one 3 s watchdog wait): {(t_sup - t_ref) / 4:.1f} s per restart; end of an attempt to "
+        f"the next one's first step: {', '.join(f'{g:.1f}' for g in gaps)} s"
     )
 
 
