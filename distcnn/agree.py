@@ -204,17 +204,23 @@ def check(comm: Comm, cfg: Config | None, err: str | None = None) -> tuple[str |
     return err, lines
 
 
-def early_settle(world: Any, err: str | None, timeout: float, grace: float = 3.0) -> str | None:
+def early_settle(
+    world: Any, err: str | None, timeout: float, share: Any = None, grace: float = 3.0
+) -> tuple[str | None, Any]:
     """Comm.settle for the start of a run, before NumPy may load (mpi4py's pickled messages):
-    every rank learns the first error any rank found in its flags. A rank whose error the
-    others do not come to settle within `grace` seconds prints it and aborts with exit code 2;
-    a rank without an error waits at most `timeout` seconds."""
+    every rank learns the first error any rank found in its flags, and rank 0's `share` (its
+    --config settings). Returns (the error, rank 0's share), the same on every rank.
+
+    A rank whose error the others do not come to settle within `grace` seconds prints it and
+    aborts with exit code 2; a rank without an error waits at most `timeout` seconds for the
+    others, then names the ranks that never came and aborts."""
     size, rank = world.Get_size(), world.Get_rank()
     if size == 1:
-        return err
+        return err, share
     tag = 12
-    reqs = [world.isend(err, dest=r, tag=tag) for r in range(size) if r != rank]
-    got: dict[int, str | None] = {rank: err}
+    mine = (err, share if rank == 0 else None)
+    reqs = [world.isend(mine, dest=r, tag=tag) for r in range(size) if r != rank]
+    got: dict[int, tuple[str | None, Any]] = {rank: mine}
     t0 = time.monotonic()
     while len(got) < size:
         for r in range(size):
@@ -235,8 +241,8 @@ def early_settle(world: Any, err: str | None, timeout: float, grace: float = 3.0
         time.sleep(0.002)
     for q in reqs:
         q.wait()
-    errors = [got[r] for r in range(size)]
+    errors = [got[r][0] for r in range(size)]
     for r, e in enumerate(errors):
         if e:
-            return e if r == 0 or all(x == e for x in errors) else f"[rank {r}] {e}"
-    return None
+            return (e if r == 0 or all(x == e for x in errors) else f"[rank {r}] {e}"), None
+    return None, got[0][1]

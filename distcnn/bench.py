@@ -105,12 +105,17 @@ def _memory_mib() -> tuple[float, float]:
     return fields.get("VmHWM", 0.0), fields.get("VmRSS", 0.0)
 
 
+CPU_SECONDS: list[float] = [0.0]  # CPU time of the last _timed_steps (this process, all threads)
+
+
 def _timed_steps(
     step: Any, seconds: float, min_steps: int, agree: Any = None
 ) -> tuple[int, float, list[float]]:
     """Run `step` until `seconds` have passed (at least min_steps). With several ranks,
     `agree(n)` returns rank 0's count on every rank, so all make the same collectives.
-    Returns (steps, wall seconds, every step's milliseconds)."""
+    Returns (steps, wall seconds, every step's milliseconds); the process's CPU seconds over
+    the same steps go to CPU_SECONDS[0] (on a loaded machine they exclude the time the process
+    waited for a core)."""
     t0 = time.perf_counter()
     step()
     one = time.perf_counter() - t0
@@ -118,12 +123,15 @@ def _timed_steps(
     if agree is not None:
         steps = agree(steps)
     samples = []
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for _ in range(steps):
         t = time.perf_counter()
         step()
         samples.append(round(1e3 * (time.perf_counter() - t), 4))
-    return steps, time.perf_counter() - t0, samples
+    wall = time.perf_counter() - t0
+    CPU_SECONDS[0] = time.process_time() - c0
+    return steps, wall, samples
 
 
 def _numpy_isa() -> dict[str, Any]:
@@ -198,6 +206,7 @@ def measure_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
     hwm_end, rss_end = _memory_mib()
     out: dict[str, Any] = {
         "train_ips": steps * per_rank / wall,
+        "train_ips_cpu": steps * per_rank / max(CPU_SECONDS[0], 1e-9),
         "step_ms": 1e3 * wall / steps,
         "step_ms_samples": samples,
         "data_share": timers["data"] * share / wall,
@@ -298,6 +307,7 @@ def measure_torch(cfg: dict[str, Any]) -> dict[str, Any]:
     steps, wall, samples = _timed_steps(train_step, cfg["seconds"], cfg.get("min_steps", 3), agree)
     out: dict[str, Any] = {
         "train_ips": steps * batch / wall,
+        "train_ips_cpu": steps * batch / max(CPU_SECONDS[0], 1e-9),
         "step_ms": 1e3 * wall / steps,
         "step_ms_samples": samples,
         "hwm_end": _memory_mib()[0],
@@ -337,12 +347,151 @@ def measure_gemm(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"gflops": 2 * n**3 * steps / wall / 1e9, "isa": _numpy_isa()}
 
 
-MEASURES = {"distcnn": measure_distcnn, "torch": measure_torch, "gemm": measure_gemm}
+def _layout(a: Any) -> str:
+    return "C" if a.flags.c_contiguous else ("F" if a.flags.f_contiguous else "strided")
+
+
+def _gemm_gflops(a: Any, b: Any, out: Any, reps: int = 5) -> float:
+    """GFLOP/s of np.matmul(a, b, out=out) in this thread's CPU time (median of reps)."""
+    import numpy as np
+
+    flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    inner = max(2, int(1e8 / flops))
+    np.matmul(a, b, out=out)
+    times = []
+    for _ in range(reps):
+        t = time.thread_time()
+        for _ in range(inner):
+            np.matmul(a, b, out=out)
+        times.append((time.thread_time() - t) / inner)
+    return flops / statistics.median(times) / 1e9
+
+
+def measure_profile_distcnn(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer CPU times of loss_and_grad and every GEMM it makes, each GEMM then timed alone
+    (same shapes and memory layouts) against the 1024^3 ceiling."""
+    import numpy as np
+
+    from distcnn.model import REFERENCE_SPEC, Model
+
+    shape, batch = tuple(cfg["shape"]), cfg["batch"]
+    model = Model(cfg.get("spec") or REFERENCE_SPEC, shape, 10, np.float32)
+    model.init_params(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, *shape)).astype(np.float32)
+    y = rng.integers(0, 10, batch)
+    for _ in range(3):
+        model.loss_and_grad(x, y, 1.0 / batch)
+    seen: dict[tuple, dict[str, Any]] = {}
+    real = np.matmul
+
+    def spy(a: Any, b: Any, out: Any = None, **kw: Any) -> Any:
+        key = (a.shape, _layout(a), b.shape, _layout(b), _layout(out) if out is not None else "-")
+        t = time.thread_time()
+        r = real(a, b, out=out, **kw)
+        row = seen.setdefault(key, {"calls": 0, "seconds": 0.0, "args": (a, b, out)})
+        row["calls"] += 1
+        row["seconds"] += time.thread_time() - t
+        return r
+
+    steps = cfg.get("steps", 10)
+    np.matmul = spy  # every GEMM goes through np.matmul(a, b, out=...)
+    try:
+        for _ in range(steps):
+            model.loss_and_grad(x, y, 1.0 / batch)
+    finally:
+        np.matmul = real
+    gemms = []
+    for (ash, al, bsh, bl, ol), row in seen.items():
+        a, b, out = row["args"]
+        flops = 2 * ash[0] * ash[1] * bsh[1]
+        gemms.append({
+            "a": list(ash), "a_layout": al, "b": list(bsh), "b_layout": bl, "out_layout": ol,
+            "calls_per_step": row["calls"] / steps, "flops": flops,
+            "ms_per_step_in_model": 1e3 * row["seconds"] / steps,
+            "gflops_alone": _gemm_gflops(a, b, out if out is not None else np.empty(
+                (ash[0], bsh[1]), np.float32)),
+        })  # fmt: skip
+    perf = time.perf_counter
+    time.perf_counter = time.thread_time  # the layer timers then count this thread's CPU time
+    try:
+        model.profile_layers(True)
+        t = time.thread_time()
+        for _ in range(steps):
+            model.loss_and_grad(x, y, 1.0 / batch)
+        step = (time.thread_time() - t) / steps
+        secs = model.layer_seconds / steps
+        model.profile_layers(False)
+    finally:
+        time.perf_counter = perf
+    layers = [{"layer": layer.describe(), "forward_ms": 1e3 * float(fw),
+               "backward_ms": 1e3 * float(bw)}
+              for layer, (fw, bw) in zip(model.layers, secs, strict=True)]  # fmt: skip
+    n = 1024
+    a = rng.random((n, n), dtype=np.float32)
+    return {
+        "step_ms": 1e3 * step,
+        "layers": layers,
+        "gemms": gemms,
+        "ceiling_gflops": _gemm_gflops(a, a.copy(), np.empty((n, n), np.float32), 5),
+        "isa": _numpy_isa(),
+    }
+
+
+def measure_profile_torch(cfg: dict[str, Any]) -> dict[str, Any]:
+    """torch.profiler's self CPU time per op over train steps of cfg's layout."""
+    import torch
+    from torch import nn
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(cfg["threads"])
+    shape, batch = tuple(cfg["shape"]), cfg["batch"]
+    net = _torch_net(cfg.get("spec"), shape)
+    fmt = torch.channels_last if cfg["layout"] == "channels_last" else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    x = torch.randn(batch, *shape).to(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        opt.step()
+
+    for _ in range(5):
+        step()
+    steps = cfg.get("steps", 10)
+    t = time.thread_time()
+    for _ in range(steps):
+        step()
+    step_ms = 1e3 * (time.thread_time() - t) / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ops = sorted(
+        ({"op": e.key, "calls_per_step": e.count / steps,
+          "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps} for e in prof.key_averages()),
+        key=lambda r: -r["self_ms_per_step"],
+    )  # fmt: skip
+    return {"step_ms": step_ms, "ops": [o for o in ops if o["self_ms_per_step"] >= 0.01]}
+
+
+MEASURES = {
+    "distcnn": measure_distcnn,
+    "torch": measure_torch,
+    "gemm": measure_gemm,
+    "profile-distcnn": measure_profile_distcnn,
+    "profile-torch": measure_profile_torch,
+}
 
 
 def worker(cfg: dict[str, Any]) -> None:
     """Entry point of one measurement process: prints `BENCH <json>` on rank 0."""
     out = MEASURES[cfg["kind"]](cfg)
+    out["threads"] = cfg["threads"]
+    if "threads_from" in cfg:
+        out["threads_from"] = cfg["threads_from"]
     if _rank() == 0:
         print("BENCH " + json.dumps(out), flush=True)
 
@@ -414,7 +563,10 @@ def run_setting(cfg: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in TORCH_ENV and k not in ISA_VARS}
     env["PYTHONPATH"] = PACKAGE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(cfg["threads"])
+        if cfg["threads"] == "default":  # the worker picks them as distcnn.train would
+            env.pop(var, None)
+        else:
+            env[var] = str(cfg["threads"])
     if kind == "torch":
         env.update(TORCH_ENV)
     env.update(isa_env(cfg.get("isa", "native"), kind))
@@ -482,14 +634,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="timed window per setting")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
     p.add_argument("--table", action="store_true", help="also the batch x image-size table")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: CPU time per layer, per GEMM and per PyTorch op")  # fmt: skip
+    p.add_argument("--contention", action="store_true",
+                   help="instead: 1, 2 and default threads, alone and by a spin loop")  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="raw figures (default: bench-<UTC time>.json)")
     p.add_argument("--mpi", action="store_true", help="under mpirun: measure these ranks only")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    # the options as given, for the record; a --json path is kept by its file name only
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args.argv = [Path(v).name if i and raw[i - 1] == "--json" else v for i, v in enumerate(raw)]
+    args.argv = [f"--json={Path(v[7:]).name}" if v.startswith("--json=") else v for v in args.argv]
 
     if args.worker:
         cfg = json.loads(args.worker)
+        if cfg["threads"] == "default":
+            cfg["threads"], cfg["threads_from"] = threadsmod.choose(None, 1)
         threadsmod.apply(cfg["threads"])  # before NumPy loads
         worker(cfg)
         return 0
@@ -559,6 +720,26 @@ def build_settings(args: argparse.Namespace, torch_ok: bool, mpi_ok: bool) -> di
     if not quick:
         s["mem512"] = {**one, "kind": "distcnn", "batch": 512, "warmup": 2, "min_steps": 2,
                        "seconds": secs / 2}  # fmt: skip
+    if args.contention:  # a separate kind of run: BLAS threads with and without a neighbour
+        s = {}
+        for busy in (False, True):
+            for th in (1, 2, "default"):
+                s[f"contention/{'busy' if busy else 'alone'}/{th}"] = {
+                    "kind": "distcnn", "spec": None, "shape": [1, 28, 28], "threads": th,
+                    "batch": b, "seconds": secs, "isa": "native", "busy_neighbour": busy,
+                }  # fmt: skip
+        return s
+    if args.profile:  # a separate kind of run: profiles only
+        s = {}
+        for isa in isas:
+            for m in models:
+                _, spec, shape = MODELS[m]
+                base = {"spec": spec, "shape": list(shape), "threads": 1, "batch": b, "isa": isa}
+                s[f"profile-distcnn/{m}/{isa}"] = {**base, "kind": "profile-distcnn"}
+                if torch_ok:
+                    s[f"profile-torch/{m}/{isa}"] = {**base, "kind": "profile-torch",
+                                                     "layout": "channels_last"}  # fmt: skip
+        return s
     if args.table:
         for bb in TABLE_BATCHES:
             for px in TABLE_PIXELS:
@@ -610,7 +791,8 @@ def drive(args: argparse.Namespace) -> int:
     for r in range(rounds):
         keys = list(settings) if r % 2 == 0 else list(reversed(settings))  # interleaved
         for key in keys:
-            results[key].append(run_setting(settings[key]))
+            with _neighbour(settings[key].get("busy_neighbour", False)):
+                results[key].append(run_setting(settings[key]))
     load_end = _loadavg()
     record = {
         "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -623,7 +805,12 @@ def drive(args: argparse.Namespace) -> int:
         "settings": settings,
         "samples": results,
     }
-    summary = report(results, settings, args, rounds, torch_ok, mpi_ok, record)
+    if args.profile:
+        summary = report_profile(results, settings)
+    elif args.contention:
+        summary = report_contention(results, settings, record)
+    else:
+        summary = report(results, settings, args, rounds, torch_ok, mpi_ok, record)
     record["summary"] = summary
     record["seconds"] = round(time.perf_counter() - t_start, 1)
     out = Path(args.json or f"bench-{started.strftime('%Y%m%dT%H%M%SZ')}.json")
@@ -633,6 +820,94 @@ def drive(args: argparse.Namespace) -> int:
     os.replace(tmp, out)
     print(f"\n(bench took {record['seconds']:.0f} s; raw figures in {out})")
     return 0
+
+
+class _neighbour:
+    """A busy process (a Python spin loop) pinned to the last usable CPU while active."""
+
+    def __init__(self, on: bool) -> None:
+        self.on, self.proc = on, None
+
+    def __enter__(self) -> None:
+        if self.on:
+            cpu = max(threadsmod.affinity_cpus())
+            code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+            self.proc = subprocess.Popen([sys.executable, "-c", code])
+            time.sleep(0.3)  # let it start spinning
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def report_contention(
+    res: dict[str, list[dict[str, Any]]], settings: dict[str, Any], record: dict[str, Any]
+) -> dict[str, Any]:
+    """1 vs 2 BLAS threads vs the default choice, alone and beside one busy process."""
+    summary: dict[str, Any] = {}
+    print(f"load average: {record['loadavg_start']} at the start, {record['loadavg_end']} at the "
+          "end (the busy neighbour: the bench's own spin loop on the last usable CPU)")  # fmt: skip
+    print(f"\n== reference model, 1 process, batch {settings[next(iter(settings))]['batch']}: "
+          "train images/s ==")  # fmt: skip
+    print(f"{'':28s}{'alone':>10s}{'beside a busy process':>24s}")
+    for th, label in ((1, "1 thread"), (2, "2 threads"), ("default", "the default")):
+        cells = ""
+        for where in ("alone", "busy"):
+            runs = [r for r in res[f"contention/{where}/{th}"] if r]
+            v = _median(runs, "train_ips")
+            chose = sorted({f"{r['threads']} ({r.get('threads_from', '')})" for r in runs})
+            summary[f"{where}/{th}"] = {"images_per_s": v, "chose": chose}
+            cells += f"{_fmt(v):>10s}" if where == "alone" else f"{_fmt(v):>24s}"
+        print(f"{label:28s}{cells}")
+        if th == "default":
+            for where in ("alone", "busy"):
+                print(f"  default {where}: {', '.join(summary[f'{where}/{th}']['chose'])}")
+    return summary
+
+
+def report_profile(
+    res: dict[str, list[dict[str, Any]]], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Print per-layer and per-GEMM CPU times (distcnn) beside torch's per-op self CPU times."""
+    summary: dict[str, Any] = {}
+    for key in settings:
+        if not key.startswith("profile-distcnn/"):
+            continue
+        _, mkey, isa = key.split("/")
+        runs = [r for r in res[key] if r]
+        if not runs:
+            continue
+        r = runs[0]
+        name, _, shape = MODELS[mkey]
+        ceil = statistics.median(x["ceiling_gflops"] for x in runs)
+        print(f"\n== {name} ({'x'.join(map(str, shape))}), {isa} ISA, 1 thread: CPU ms per step ==")
+        print(f"distcnn loss_and_grad {statistics.median(x['step_ms'] for x in runs):.2f} ms "
+              f"({_isa_line(runs)})")  # fmt: skip
+        for lay in r["layers"]:
+            print(f"  {lay['layer']:44s} forward {lay['forward_ms']:6.3f}  "
+                  f"backward {lay['backward_ms']:6.3f}")  # fmt: skip
+        print(f"  GEMMs (ceiling 1024^3: {ceil:.1f} GFLOP/s):")
+        for g in sorted(r["gemms"], key=lambda g: -g["ms_per_step_in_model"]):
+            shape_s = f"({g['a'][0]}x{g['a'][1]} {g['a_layout']}) @ ({g['b'][0]}x{g['b'][1]} " \
+                      f"{g['b_layout']}) -> {g['out_layout']}"  # fmt: skip
+            inmodel = g["flops"] * g["calls_per_step"] / (g["ms_per_step_in_model"] * 1e6 or 1)
+            ms = g["ms_per_step_in_model"]
+            print(f"    {shape_s:42s} x{g['calls_per_step']:<4g} {ms:6.3f} ms"
+                  f"  {inmodel:6.1f} GFLOP/s in the step, {g['gflops_alone']:6.1f} alone "
+                  f"({100 * g['gflops_alone'] / ceil:.0f} % of the ceiling)")  # fmt: skip
+        tkey = f"profile-torch/{mkey}/{isa}"
+        truns = [t for t in res.get(tkey, []) if t]
+        if truns:
+            t = truns[0]
+            print(f"PyTorch channels_last train step {t['step_ms']:.2f} CPU ms; top ops by self "
+                  "time (profiler, wall-clock based):")  # fmt: skip
+            for op in t["ops"][:12]:
+                print(
+                    f"  {op['op']:44s} x{op['calls_per_step']:<4g} {op['self_ms_per_step']:7.3f} ms"
+                )
+        summary[key] = {"step_ms": r["step_ms"], "ceiling_gflops": ceil}
+    return summary
 
 
 def _isa_line(res: list[dict[str, Any]]) -> str:
@@ -694,7 +969,7 @@ def report(
             )
             print(f"{label:26s}{cells}")
         if torch_ok:
-            cells = ""
+            cells = cpu_cells = ""
             for isa in isas:
                 d = m(f"distcnn/{mkey}/{isa}", "train_ips")
                 de = m(f"distcnn/{mkey}/{isa}", "eval_ips")
@@ -703,12 +978,16 @@ def report(
                 best = max(lay, key=lambda k: lay[k] or 0)
                 be = max((m(f"torch-{k}/{mkey}/{isa}", "eval_ips") or 0) for k in lay) or None
                 rt, re_ = _ratio(d, lay[best]), _ratio(de, be)
+                dc = m(f"distcnn/{mkey}/{isa}", "train_ips_cpu")
+                tc = m(f"torch-{best}/{mkey}/{isa}", "train_ips_cpu")
                 summary[f"1thread/{mkey}/{isa}"] = {
                     "distcnn": d, "torch_best": lay[best], "torch_best_layout": best,
-                    "ratio": rt, "eval_ratio": re_,
+                    "ratio": rt, "eval_ratio": re_, "ratio_cpu_time": _ratio(dc, tc),
                 }  # fmt: skip
                 cells += f"{_x(rt):>15s}{_x(re_):>14s}"
+                cpu_cells += f"{_x(_ratio(dc, tc)):>15s}{'':14s}"
             print(f"{'distcnn / best PyTorch':26s}{cells}")
+            print(f"{'  the same by CPU time':26s}{cpu_cells}")
         for isa in isas:
             print(f"  {isa}: distcnn ran {_isa_line(res.get(f'distcnn/{mkey}/{isa}', []))}")
             if torch_ok:

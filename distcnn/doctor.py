@@ -82,16 +82,26 @@ def _median_seconds(run: Any, repeats: int) -> float:
 
 
 def measure_compute(model: Any, train: Any, batch: int, comm: Any, repeats: int = 3) -> float:
-    """MPI: median seconds of forward + backward on `batch` samples, every rank at once (so
-    ranks sharing cores are measured as training runs them); the slowest rank's."""
+    """MPI: median seconds of one step's local work on `batch` samples (building the batch,
+    forward + backward, the SGD update), every rank at once (so ranks sharing cores are measured
+    as training runs them); the slowest rank's."""
     import numpy as np
 
+    from distcnn.optim import SGD
+
+    opt = SGD(model.params, 0.9, 0.0)
     idx = np.arange(batch) % len(train)
-    x = train.batch(idx, out=np.empty((batch, *train.image_shape), dtype=np.float32))
+    xbuf = np.empty((batch, *train.image_shape), dtype=np.float32)
     labels = train.labels[idx]
-    model.loss_and_grad(x, labels, scale=1.0 / batch)  # warm-up
+
+    def step() -> None:
+        x = train.batch(idx, out=xbuf)
+        model.loss_and_grad(x, labels, scale=1.0 / batch)
+        opt.step(model.grads, 1e-9, 1.0)
+
+    step()  # warm-up
     comm.guard("doctor compute")
-    med = _median_seconds(lambda: model.loss_and_grad(x, labels, scale=1.0 / batch), repeats)
+    med = _median_seconds(step, repeats)
     return float(max(comm.gather_objects(med, "doctor compute timing")))
 
 
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             flags = config.parse_flags(argv)
     except UsageError as e:
         err = str(e)
-    err = agree.early_settle(world, err, config.DEFAULTS["collective_timeout"])
+    err, _ = agree.early_settle(world, err, config.DEFAULTS["collective_timeout"])
     if err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
@@ -282,8 +292,9 @@ def _scaling(comm: Any, cfg: Any) -> None:
             + ", ".join(f"{_bytes(s)} {t * 1e3:.3f} ms" for s, t in zip(SIZES, times, strict=True))
         )
     print(
-        "  compute per step (forward + backward, every rank at once): "
+        "  compute per step (every rank at once): "
         + ", ".join(f"batch {b}: {t * 1e3:.2f} ms" for b, t in compute.items())
+        + " (batch, forward + backward, SGD update)"
     )
     if fit is not None and comm.size > 1:
         here = scaling.predict(fit, compute, grad_bytes, [comm.size])

@@ -56,24 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         raise
     from distcnn import agree
 
-    # MPI: a flag refused on some ranks only (MPMD launches, another command line per host)
-    # must not leave the others waiting in the next collective
-    err = agree.early_settle(world, err, config.DEFAULTS["collective_timeout"])
-    if err:
-        return _error(err) if rank == 0 else 2
-
     # Rank 0 reads --config (bounded: a regular file of at most 1 MiB, so it cannot hang) and
     # every rank gets its settings; the thread count they name must be known before NumPy loads.
-    early: dict[str, Any] = {}
-    if rank == 0:
+    toml: dict[str, Any] = {}
+    if err is None and rank == 0 and flags.get("config"):
         try:
-            early = {"toml": config.read_toml(flags["config"]) if flags.get("config") else {}}
+            toml = config.read_toml(flags["config"])
         except UsageError as e:
-            early = {"error": str(e)}
-    early = world.bcast(early, root=0)  # MPI: pickled dict, before NumPy and the watchdog
-    if early.get("error"):
-        return _error(early["error"]) if rank == 0 else 2
-    toml = early["toml"]
+            err = str(e)
+    # MPI: point to point with a deadline, carrying rank 0's --config settings: a flag refused
+    # on some ranks only (MPMD launches, another command line per host) or a rank that never
+    # gets here cannot leave the others waiting in a collective
+    wait = flags.get("collective_timeout") or config.DEFAULTS["collective_timeout"]
+    err, toml = agree.early_settle(world, err, wait, toml)
+    if err:
+        return _error(err) if rank == 0 else 2
 
     from distcnn import threads
 
