@@ -65,7 +65,10 @@ POLICY: dict[str, tuple[bool, bool]] = {
 
 RANK_TABLE_RE = re.compile(r"^rank (\d+): host (\S+) pid (\d+) local_rank (\d+)\s*$")
 RANK_LINE_RE = re.compile(r"^\[rank (\d+)\]")
-NOT_ARRIVED_RE = re.compile(r"ranks that did not arrive: (\d+)")
+# the collective watchdog: "... longer than --collective-timeout 5; ranks that did not arrive: 1"
+# or "...: none (all arrived); ranks not answering (stopped, or stuck outside MPI): 1"
+TIMEOUT_RE = re.compile(r"longer than --collective-timeout")
+STUCK_RE = re.compile(r"(?:ranks that did not arrive|ranks not answering \([^)]*\)): (\d+)")
 # MPICH Hydra: "=   PID 7860 RUNNING AT vm" (then "EXIT CODE: 9", "KILLED BY SIGNAL: 9")
 HYDRA_PID_RE = re.compile(r"PID (\d+) RUNNING AT (\S+)")
 HYDRA_SIGNAL_RE = re.compile(r"KILLED BY SIGNAL|EXIT STRING: .*\(signal \d+\)")
@@ -99,11 +102,13 @@ class Watch:
             self.rank_hosts[r] = m.group(2)
             self.rank_pids[r] = int(m.group(3))
             return
-        m = NOT_ARRIVED_RE.search(text)
-        if m:  # the watchdog names the stuck rank; it, not the reporter, is the failing one
+        if TIMEOUT_RE.search(text):
+            # the watchdog names the stuck rank; it, not the reporter, is the failing one
             self.timeout = True
-            self._blame(int(m.group(1)), text)
-            return
+            m = STUCK_RE.search(text)
+            if m:
+                self._blame(int(m.group(1)), text)
+                return
         m = RANK_LINE_RE.match(text)
         if m:
             self._blame(int(m.group(1)), text)
@@ -473,7 +478,8 @@ def _pump(src: IO[bytes], dst: IO[str], watch: Watch, lock: threading.Lock) -> N
 
 
 def _die_with_parent() -> None:  # pragma: no cover (runs in the child between fork and exec)
-    """Linux: the launcher gets SIGTERM if the supervisor dies (SIGKILL) - the job saves."""
+    """Linux: the launcher gets SIGTERM if the supervisor dies (SIGKILL), so the job is not
+    left running unsupervised (it ends; its output pipe is gone too)."""
     try:
         import ctypes
 
