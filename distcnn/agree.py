@@ -50,7 +50,7 @@ FIX = "every rank must get the same flags, --config file, dataset contents and i
 
 def mpi_library() -> str:
     """The MPI library's own first line of version text, e.g. `MPICH Version: 5.0.2`."""
-    from mpi4py import MPI
+    from distcnn.mpienv import MPI
 
     first = MPI.Get_library_version().strip().splitlines()[0]
     return " ".join(first.split())
@@ -171,7 +171,7 @@ def local_rank(comm: Comm) -> int:
     """This rank's index among the ranks on its node (MPI's shared-memory split)."""
     if comm.size == 1:
         return 0
-    from mpi4py import MPI
+    from distcnn.mpienv import MPI
 
     comm.guard("before the node split (rank table)")  # MPI: Split_type blocks
     node = comm.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)

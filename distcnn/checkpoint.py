@@ -1,6 +1,6 @@
 """HDF5 checkpoints: atomic, checksummed, complete enough to continue a run exactly.
 
-Layout (INTERFACE.md):
+Layout (docs/interface.md):
     /model/<name>               float32 parameters, PyTorch names and shapes (conv1.weight, ...)
     /optimizer/velocity/<name>  SGD momentum buffers, same names and shapes (empty for Adam)
     /optimizer/<state>/<name>   other optimizer state: exp_avg, exp_avg_sq (Adam, AdamW)
@@ -63,6 +63,8 @@ class Checkpoint:
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the trainer's log window
     run_id: str = ""  # the run that wrote it ("" in checkpoints older than run ids)
+    # what inference needs without the dataset: pixel scaling, mean/std (see inference_info)
+    inference: dict[str, Any] = field(default_factory=dict)
     # optimizer state besides the velocity, by state name (Adam: exp_avg, exp_avg_sq)
     optimizer_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     buffers: dict[str, np.ndarray] = field(default_factory=dict)  # batch norm statistics
@@ -128,6 +130,7 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
         "data_order": DATA_ORDER,
         "extra": json.dumps(ck.extra, sort_keys=True),
         "run_id": str(ck.run_id),
+        "inference": json.dumps(ck.inference, sort_keys=True),
     }
     if ck.dataset_fingerprint is not None:
         attrs["dataset_fingerprint"] = json.dumps(ck.dataset_fingerprint, sort_keys=True)
@@ -177,12 +180,16 @@ def _attr(f: h5py.File, key: str, path: Path) -> Any:
 
 
 def load(path: str | os.PathLike) -> Checkpoint:
-    """Read and verify a checkpoint (format, attributes digest, every dataset's sha256)."""
+    """Read and verify a checkpoint (format, attributes digest, every dataset's sha256, finite
+    parameters). The file goes through distcnn.safefile: special files, data outside the file
+    and sizes beyond the machine's memory are refused before anything is read."""
+    from distcnn import safefile
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file; give an existing .h5 checkpoint")
+    fix = "use another checkpoint"
+    what = "checkpoint"
     try:
-        with h5py.File(path, "r") as f:
+        with safefile.open_h5(path, what, fix) as f, safefile.h5_errors(path, what, fix):
             version = int(_attr(f, "format_version", path))
             if version > FORMAT_VERSION:
                 raise CheckpointError(
@@ -191,7 +198,8 @@ def load(path: str | os.PathLike) -> Checkpoint:
                 )
             if _attr(f, "magic", path) != MAGIC:
                 raise CheckpointError(f"{path} is not a distcnn checkpoint (no magic)")
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            raw = {k: safefile.read_attr(f, k, path, what, fix) for k in f.attrs}
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
             attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
             for key in (*_META_KEYS, "model", "config", "input_shape"):
                 _attr(f, key, path)
@@ -201,53 +209,85 @@ def load(path: str | os.PathLike) -> Checkpoint:
                     "resume from another checkpoint"
                 )
             arrays: dict[str, dict[str, np.ndarray]] = {}
+            total = 0
             optional = [f"optimizer/{k}" for k in f.get("optimizer", {}) if k != "velocity"]
             optional += ["buffers"] if "buffers" in f else []
             for group in ("model", "optimizer/velocity", *optional):
-                if group not in f:
+                if not isinstance(f.get(group), h5py.Group):
                     raise CheckpointError(f"checkpoint {path} lacks the group /{group}")
                 arrays[group] = {}
                 for name, d in f[group].items():
-                    a = d[()]
+                    if not isinstance(d, h5py.Dataset):
+                        raise CheckpointError(
+                            f"checkpoint {path}: /{group}/{name} is not a dataset (damaged); "
+                            "use another checkpoint"
+                        )
+                    total += safefile.check_dataset(d, path, what, fix)
+                    safefile.require_bytes(total, f"checkpoint {path} (all tensors)", fix)
+                    a = safefile.read_dataset(d, path, what, fix)
                     if d.attrs.get("sha256") != _sha(a):
                         raise CheckpointError(
                             f"checkpoint {path}: /{group}/{name} fails its sha256 checksum "
                             "(damaged); resume from another checkpoint"
                         )
+                    # (integers: a batch norm layer's num_batches_tracked)
+                    if a.dtype.kind not in "fiu" or (
+                        a.dtype.kind == "f" and not np.isfinite(a).all()
+                    ):
+                        bad = "non-numeric" if a.dtype.kind not in "fiu" else "NaN or inf"
+                        raise CheckpointError(
+                            f"checkpoint {path}: /{group}/{name} holds {bad} values (its "
+                            "checksum matches, so it was written that way: the run had "
+                            "diverged); use an earlier checkpoint"
+                        )
                     arrays[group][name] = a
     except CheckpointError:
         raise
+    except UsageError as e:
+        raise CheckpointError(str(e)) from None
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated or "
             "not HDF5: resume from another checkpoint"
         ) from None
-    return Checkpoint(
-        format_version=version,
-        params=arrays["model"],
-        velocity=arrays["optimizer/velocity"],
-        step=int(attrs["step"]),
-        epoch=int(attrs["epoch"]),
-        offset=int(attrs["offset"]),
-        world_size=int(attrs["world_size"]),
-        seed=int(attrs["seed"]),
-        best_val=float(attrs["best_val"]),
-        num_classes=int(attrs["num_classes"]),
-        input_shape=tuple(json.loads(attrs["input_shape"])),
-        model=str(attrs["model"]),
-        config=json.loads(attrs["config"]),
-        extra=json.loads(attrs.get("extra", "{}")),
-        run_id=str(attrs.get("run_id", "")),
-        optimizer_state={
-            k.removeprefix("optimizer/"): v
-            for k, v in arrays.items()
-            if k.startswith("optimizer/") and k != "optimizer/velocity"
-        },  # fmt: skip
-        buffers=arrays.get("buffers", {}),
-        dataset_fingerprint=(
-            json.loads(attrs["dataset_fingerprint"]) if "dataset_fingerprint" in attrs else None
-        ),
-    )
+    try:
+        ck = Checkpoint(
+            format_version=version,
+            params=arrays["model"],
+            velocity=arrays["optimizer/velocity"],
+            step=int(attrs["step"]),
+            epoch=int(attrs["epoch"]),
+            offset=int(attrs["offset"]),
+            world_size=int(attrs["world_size"]),
+            seed=int(attrs["seed"]),
+            best_val=float(attrs["best_val"]),
+            num_classes=int(attrs["num_classes"]),
+            input_shape=tuple(int(d) for d in json.loads(attrs["input_shape"])),
+            model=str(attrs["model"]),
+            config=json.loads(attrs["config"]),
+            extra=json.loads(attrs.get("extra", "{}")),
+            run_id=str(attrs.get("run_id", "")),
+            optimizer_state={
+                k.removeprefix("optimizer/"): v
+                for k, v in arrays.items()
+                if k.startswith("optimizer/") and k != "optimizer/velocity"
+            },  # fmt: skip
+            buffers=arrays.get("buffers", {}),
+            inference=json.loads(attrs.get("inference", "{}")),
+            dataset_fingerprint=(
+                json.loads(attrs["dataset_fingerprint"]) if "dataset_fingerprint" in attrs else None
+            ),
+        )
+    except (ValueError, TypeError) as e:  # consistent checksum, nonsense values
+        raise CheckpointError(
+            f"checkpoint {path} has a malformed root attribute ({e}); use another checkpoint"
+        ) from None
+    if len(ck.input_shape) != 3 or not isinstance(ck.config, dict):
+        raise CheckpointError(
+            f"checkpoint {path} has input_shape {ck.input_shape} or a config that is not an "
+            "object; use another checkpoint"
+        )
+    return ck
 
 
 def check_fits(

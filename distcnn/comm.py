@@ -38,7 +38,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from mpi4py import MPI
+
+from distcnn.mpienv import MPI
 
 _ARRIVE_TAG = 7
 _PING_TAG = 8  # "are you alive?", sent by a rank whose deadline passed

@@ -110,7 +110,12 @@ def _short_mpi(lib: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mpi4py import MPI
+    try:  # mpi4py's MPI, or a one-process stand-in when no MPI library is installed
+        from distcnn.mpienv import MPI
+    except UsageError as e:  # several ranks launched, no MPI library: what to install
+        if getattr(e, "rank", 0) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
 
     from distcnn import agree, config
 

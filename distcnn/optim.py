@@ -1,7 +1,7 @@
 """Optimizers on flat buffers (SGD, Adam, AdamW) and learning-rate schedules.
 
 g is the gradient of the mean loss over the global batch (times grad_scale, for clipping).
-SGD, exactly as INTERFACE.md defines it:
+SGD, exactly as docs/interface.md defines it:
     v = momentum * v + g + weight_decay * p
     p = p - lr * v
 Adam and AdamW, exactly as torch.optim defines them (t = Adam steps done, from 1):

@@ -5,16 +5,19 @@ INPUT is one of
     data.h5:test   (or data.h5 with --split, default test)   a split of a dataset file
     images.npz     array `images` (N, H, W) or (N, C, H, W), uint8 or float32; `labels` optional
     a.png b.pgm    image files, read by Pillow (optional extra: pip install 'distcnn[images]')
-Images must already have the model's input shape: nothing is resized. Inputs that are not
-dataset splits get the normalisation of the dataset recorded in the checkpoint (or --data).
+Images must already have the model's input shape: nothing is resized. 8-bit pixels are divided
+by 255 and 16-bit ones by 65535; images with transparent pixels are refused. Every input gets the
+normalisation the model was trained with, which the checkpoint records (root attribute
+`inference`); a checkpoint from before that record takes it from --data or the dataset its config
+names, and is refused when that file is not found (never silently unnormalised).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from distcnn import data as datamod
-from distcnn import restore
+from distcnn import restore, safefile
 from distcnn.errors import ArgumentParser, UsageError
+from distcnn.evaluate import strict_json
 from distcnn.model import Model
 
 
@@ -50,16 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _norm_of(path: Path) -> tuple[Any, Any]:
-    """The mean/std root attributes of a dataset file, or (None, None) without them / it."""
-    import h5py
-
-    if not path.is_file():
-        return None, None
-    with h5py.File(path, "r") as f:
-        return f.attrs.get("mean"), f.attrs.get("std")
-
-
 def _check_shape(shape: tuple[int, ...], model: Model, what: str) -> None:
     if tuple(shape) != model.input_shape:
         c, h, w = model.input_shape
@@ -70,8 +64,42 @@ def _check_shape(shape: tuple[int, ...], model: Model, what: str) -> None:
         )
 
 
-def read_images(files: list[str], channels: int) -> np.ndarray:
-    """Image files -> uint8 (N, C, H, W); grey for 1 channel, RGB for 3."""
+_ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pixels(im: Any, f: str, channels: int) -> tuple[np.ndarray, int]:
+    """(C, H, W) pixels of an opened image and their bit depth (8 or 16), converted without
+    loss of meaning: 16-bit grey stays 16-bit (not clipped to 8 bits), alpha must be opaque."""
+    mode = im.mode
+    transparent = mode in _ALPHA_MODES or "transparency" in im.info
+    if transparent:
+        rgba = np.asarray(im.convert("RGBA"))
+        clear = int(np.count_nonzero(rgba[..., 3] != 255))
+        if clear:
+            raise UsageError(
+                f"image {f} has {clear} of {rgba[..., 3].size} pixels not fully opaque (an alpha "
+                "channel); predict does not guess the background: flatten it onto your training "
+                "images' background (e.g. PIL Image.alpha_composite) and save it without alpha"
+            )
+        im = im.convert("RGB")  # opaque everywhere: the colour channels are the image
+        mode = "RGB"
+    if mode in _SIXTEEN_BIT or (mode == "I" and im.format == "PNG"):
+        a = np.asarray(im).astype(np.uint16)  # (H, W), 0..65535
+        return np.repeat(a[None], channels, axis=0), 16
+    if mode in ("I", "F"):
+        raise UsageError(
+            f"image {f} has 32-bit pixels (mode {mode}) whose range predict cannot know: save it "
+            "as an 8- or 16-bit PNG"
+        )
+    a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)), 8
+
+
+def read_images(files: list[str], channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Image files -> (N, C, H, W): uint8 when every file has 8-bit pixels, else float32 in
+    [0, 1] (16-bit pixels / 65535, 8-bit / 255). Grey for 1 channel, RGB for 3. With `size`
+    (H, W), a file of another size is refused from its header, before it is decoded."""
     try:
         from PIL import Image
     except ImportError:
@@ -81,22 +109,42 @@ def read_images(files: list[str], channels: int) -> np.ndarray:
         ) from None
     if channels not in (1, 3):
         raise UsageError(f"the model takes {channels} channels; image files give 1 or 3")
-    out, shape0 = [], None
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read image {f} ({e}); give a PNG, PGM or JPEG file") from None
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, H, W)
-        if shape0 is not None and a.shape != shape0:
-            raise UsageError(f"image {f} is {a.shape[2]}x{a.shape[1]}, unlike {files[0]}")
-        shape0 = a.shape
-        out.append(a)
-    return np.stack(out)
+    out: list[tuple[np.ndarray, int]] = []
+    shape0 = None
+    bomb = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the size check below comes first: nothing big is decoded
+    try:
+        for f in files:
+            safefile.check_file(f, "image", "give a PNG, PGM or JPEG file")
+            try:
+                with Image.open(f) as im:
+                    w, h = im.size
+                    if size is not None and (h, w) != tuple(size):
+                        raise UsageError(
+                            f"image {f} is {w}x{h} pixels but the model takes {size[1]}x{size[0]}:"
+                            " resize it first (predict does not resize; e.g. PIL Image.resize)"
+                        )
+                    out.append(_pixels(im, f, channels))
+            except UsageError:
+                raise
+            except Exception as e:  # Pillow reports bad files as OSError, ValueError, ...
+                raise UsageError(
+                    f"cannot read image {f} ({e}); give a PNG, PGM or JPEG file"
+                ) from None
+            a = out[-1][0]
+            if shape0 is not None and a.shape != shape0:
+                raise UsageError(f"image {f} is {a.shape[2]}x{a.shape[1]}, unlike {files[0]}")
+            shape0 = a.shape
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb
+    if all(depth == 8 for _, depth in out):
+        return np.stack([a for a, _ in out])
+    return np.stack([a.astype(np.float32) / (255.0 if d == 8 else 65535.0) for a, d in out])
 
 
 def read_npz_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """`images` (and `labels`, if there) of an .npz, sized from the headers before reading."""
+    safefile.npz_headers(path, "input")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "images" not in z.files:
@@ -106,7 +154,14 @@ def read_npz_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 )
             images = z["images"]
             labels = z["labels"] if "labels" in z.files else None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        NotImplementedError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as e:
         raise UsageError(f"cannot read {path} as .npz ({e}); give a NumPy .npz file") from None
     images = datamod._with_channels(images, f"images in {path}")
     images = datamod._as_image_dtype(images, f"images in {path}")
@@ -117,8 +172,20 @@ def read_npz_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
-def load_inputs(args: argparse.Namespace, model: Model, norm_from: Path) -> Inputs:
-    """Resolve INPUT... into images (as stored), names and, when known, labels."""
+def _refuse_unknown_scale(norm: restore.Normalisation, eight_bit: bool, what: str) -> None:
+    """A model trained on float32 pixels (used as stored) cannot take 8/16-bit pixels: their
+    scale relative to its training data is unknown."""
+    if norm.pixels == "float32" and eight_bit:
+        raise UsageError(
+            f"the model was trained on float32 pixels used as stored, so {what} with 8/16-bit "
+            "pixels have no known scale for it: give a .npz of float32 images scaled like its "
+            "training data"
+        )
+
+
+def load_inputs(args: argparse.Namespace, model: Model, ck: Any) -> tuple[Inputs, str | None]:
+    """Resolve INPUT... into images (as stored), names and, when known, labels; and a warning
+    (or None) when a dataset split's own mean/std differ from the training's."""
     first = args.inputs[0]
     head, _, tail = first.rpartition(":")
     if len(args.inputs) == 1 and head and Path(head).is_file() and not Path(first).exists():
@@ -127,26 +194,29 @@ def load_inputs(args: argparse.Namespace, model: Model, norm_from: Path) -> Inpu
         path, split_name = Path(first), args.split or "test"
     if len(args.inputs) == 1 and path.suffix in (".h5", ".hdf5"):
         split = restore.load_matching_split(path, split_name, model)
+        split, warning = restore.apply_recorded_norm(split, ck, f"{path} /{split_name}")
         names = [str(i) for i in range(len(split))]
-        return Inputs(split, names, True, f"{path} /{split_name}")
-    mean, std = _norm_of(norm_from)
+        return Inputs(split, names, True, f"{path} /{split_name}"), warning
+    if len(args.inputs) == 1 and path.suffix == ".npz":
+        safefile.check_file(path, "input", "give an .npz with an array 'images'")
+    else:
+        for f in args.inputs:
+            safefile.check_file(f, "input", "give data.h5:SPLIT, an .npz or image files")
+    norm = restore.normalisation(ck, args.data, model.input_shape[0])
     k = model.num_classes
     if len(args.inputs) == 1 and path.suffix == ".npz":
-        if not path.is_file():
-            raise UsageError(f"{path}: no such file; give an .npz with an array 'images'")
         images, labels = read_npz_images(path)
         _check_shape(images.shape[1:], model, str(path))
+        _refuse_unknown_scale(norm, images.dtype == np.uint8, str(path))
         has = labels is not None and bool(np.all((labels >= 0) & (labels < k)))
         lab = labels if has else np.zeros(len(images), dtype=np.int64)
-        split = datamod.Split(images, lab, k, mean, std)
-        return Inputs(split, [str(i) for i in range(len(images))], has, str(path))
-    missing = [f for f in args.inputs if not Path(f).is_file()]
-    if missing:
-        raise UsageError(f"{missing[0]}: no such file; give data.h5:SPLIT, an .npz or images")
-    images = read_images(args.inputs, model.input_shape[0])
+        split = datamod.Split(images, lab, k, norm.mean, norm.std)
+        return Inputs(split, [str(i) for i in range(len(images))], has, str(path)), None
+    _refuse_unknown_scale(norm, True, "image files")
+    images = read_images(args.inputs, model.input_shape[0], model.input_shape[1:])
     _check_shape(images.shape[1:], model, args.inputs[0])
-    split = datamod.Split(images, np.zeros(len(images), dtype=np.int64), k, mean, std)
-    return Inputs(split, list(args.inputs), False, " ".join(args.inputs))
+    split = datamod.Split(images, np.zeros(len(images), dtype=np.int64), k, norm.mean, norm.std)
+    return Inputs(split, list(args.inputs), False, " ".join(args.inputs)), None
 
 
 def probabilities(model: Model, split: datamod.Split, count: int, batch: int = 1000) -> np.ndarray:
@@ -163,6 +233,10 @@ def probabilities(model: Model, split: datamod.Split, count: int, batch: int = 1
 
 def main(argv: list[str] | None = None) -> int:
     """Print the top-k predictions; 0 on success, 2 on bad input."""
+    from distcnn.launcher import launched_rank
+
+    if launched_rank() > 0:  # one process does it all; under mpirun the others would repeat it
+        return 0
     try:
         args = build_parser().parse_args(argv)
         model, ck = restore.load_model(args.checkpoint)
@@ -170,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--top-k {args.top_k} must be at least 1; e.g. --top-k 3")
         if args.limit is not None and args.limit < 1:
             raise UsageError(f"--limit {args.limit} must be at least 1")
-        inp = load_inputs(args, model, restore.dataset_path(args.data, ck))
+        inp, warning = load_inputs(args, model, ck)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     n = len(inp.split) if args.limit is None else min(args.limit, len(inp.split))
     k = min(args.top_k, model.num_classes)
     probs = probabilities(model, inp.split, n)  # (n, K)
@@ -193,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if labels is not None:
             res["accuracy"] = float(np.mean(top[:, 0] == labels))
         res["predictions"] = preds
-        print(json.dumps(res))
+        print(strict_json(res))
         return 0
     print(f"checkpoint {args.checkpoint} (step {ck.step}) on {inp.source}: {n} image(s)")
     width = max(5, max(len(s) for s in inp.names[:n]))

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     # The handlers stay until the process exits, so a signal after the run cannot kill it.
     signals.STOP.clear()
     signals.STOP.install()
-    from mpi4py import MPI
+    try:  # mpi4py's MPI, or a one-process stand-in when no MPI library is installed
+        from distcnn.mpienv import MPI
+    except UsageError as e:  # several ranks launched, no MPI library: what to install
+        return _error(str(e)) if getattr(e, "rank", 0) == 0 else 2
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
@@ -175,9 +178,15 @@ def _run(
         print("\n".join(rank_table), flush=True)
     try:
         if cfg.dry_run:
+            dry_err = None
             if comm.rank == 0:
-                _dry_run(cfg, n_threads, thread_source, comm.size)
-            return 0
+                try:
+                    _dry_run(cfg, n_threads, thread_source, comm.size)
+                except UsageError as e:
+                    dry_err = str(e)
+            # MPI: every rank learns rank 0's outcome (no rank left waiting in a collective)
+            dry_err = comm.bcast_object(dry_err, 0, "dry run")
+            return (_error(dry_err) if comm.rank == 0 else 2) if dry_err else 0
         resume = None
         if decision.get("path"):
             resume = loaded if comm.rank == 0 else decision["meta"]
@@ -300,7 +309,11 @@ def _dry_run(cfg: Config, n_threads: int, thread_source: str, ranks: int) -> Non
     train = datamod.load_split(path, "train")
     with h5py.File(path, "r") as f:
         splits = {k: f[k]["labels"].shape[0] for k in f if isinstance(f[k], h5py.Group)}
-    model = Model(cfg.model or REFERENCE_SPEC, train.image_shape, train.num_classes)
+    from distcnn.safefile import check_model_memory
+
+    spec = cfg.model or REFERENCE_SPEC
+    check_model_memory(spec, train.image_shape, train.num_classes, -(-cfg.batch_size // ranks))
+    model = Model(spec, train.image_shape, train.num_classes)
     print("config: " + json.dumps(cfg.as_dict(), sort_keys=True))
     print(f"ranks: {ranks}, threads per rank: {n_threads} (from {thread_source})")
     print(f"data: {path} {splits}, image {train.image_shape}, {train.num_classes} classes")

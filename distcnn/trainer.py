@@ -33,7 +33,9 @@ from distcnn.metrics import Console, LogWindow, Metrics, Phases
 from distcnn.model import REFERENCE_SPEC, Model
 from distcnn.optim import learning_rate, make_optimizer
 from distcnn.progress import Progress, fmt_metric, hms, profile_table
+from distcnn.restore import inference_info
 from distcnn.rundir import RunDir, new_run_id
+from distcnn.safefile import check_model_memory
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
 from distcnn.saver import SaveFailed, Saver
 from distcnn.status import StatusFile
@@ -109,6 +111,14 @@ class Trainer:
             self.console.warn(w)
         data_path = cfg.data or str(datamod.DEFAULT_DATASET)
         self.train = datamod.load_split(data_path, "train")
+        # what predict/evaluate need without the dataset (distcnn.restore.inference_info)
+        self.inference = inference_info(
+            self.train.images.dtype,
+            self.train.mean,
+            self.train.std,
+            self.train.image_shape,
+            self.train.num_classes,
+        )
         self.val = self._validation_split(data_path)
         self.test = self._optional_split(data_path, "test")
         for name, split in (("val", self.val), ("test", self.test)):
@@ -127,6 +137,13 @@ class Trainer:
                 f"--deterministic needs a number of ranks that divides {DET_SHARDS}, got "
                 f"{comm.size}; run on 1, 2, 4 or 8 ranks"
             )
+        # the bytes the model and this rank's batch imply, before any of it is allocated
+        check_model_memory(
+            cfg.model or REFERENCE_SPEC,
+            self.train.image_shape,
+            self.train.num_classes,
+            -(-cfg.batch_size // (DET_SHARDS if cfg.deterministic else comm.size)),
+        )
         self.model = Model(
             cfg.model or REFERENCE_SPEC,
             self.train.image_shape,
@@ -493,6 +510,7 @@ class Trainer:
             },
             buffers={k: v.copy() for k, v in self.model.buffers.items()},
             run_id=self.run_id,
+            inference=self.inference,
         )
 
     def save(self, best: bool = False) -> None:

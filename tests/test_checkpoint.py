@@ -135,7 +135,7 @@ def _damage(path: Path, how: str) -> str:
         size = path.stat().st_size
         with open(path, "r+b") as f:
             f.truncate(size // 2)
-        return "cannot be read (OSError"
+        return "is truncated (shorter than its HDF5 metadata says)"
     if how == "flipped byte":
         _flip_byte_in_dataset(path, "optimizer/velocity/conv1.weight")
         return "/optimizer/velocity/conv1.weight fails its sha256 checksum (damaged)"
@@ -280,4 +280,4 @@ def test_summarize_and_data_info(tmp_path, capsys):
         f.truncate(path.stat().st_size // 2)
     assert datamod.main(["info", str(path)]) == 1
     out = capsys.readouterr().out
-    assert "checksum status: FAILED" in out and "cannot be read" in out
+    assert "checksum status: FAILED" in out and "is truncated" in out

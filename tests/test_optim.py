@@ -1,4 +1,4 @@
-"""SGD against the update INTERFACE.md defines, and the learning-rate schedules against their
+"""SGD against the update docs/interface.md defines, and the learning-rate schedules against their
 formulas."""
 
 from __future__ import annotations

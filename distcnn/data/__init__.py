@@ -16,7 +16,7 @@ The package, one job per module:
     summary.py      the text of `data info` (datasets and checkpoints)
     cli.py          `python -m distcnn.data {build,info}` (__main__.py runs it)
 
-File layout (see INTERFACE.md, "Dataset file (HDF5)"):
+File layout (see docs/interface.md, "Dataset file (HDF5)"):
 
     /<split>/images   (N, C, H, W) uint8 (0..255) or float32
     /<split>/labels   (N,) integers in [0, num_classes)

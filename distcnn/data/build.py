@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,14 @@ from distcnn.errors import UsageError
 
 # The on-disk layouts `build --layout` offers (docs/data.md has the read-throughput figures).
 LAYOUTS = ("sample", "compact")
+
+
+def _checksum(group: h5py.Group) -> None:
+    """Attribute sha256 (of the bytes as stored, C order) on a split's images and labels, which
+    load_split and data info verify: uncompressed data has no other check against damage."""
+    for name in ("images", "labels"):
+        ds = group[name]
+        ds.attrs["sha256"] = hashlib.sha256(np.ascontiguousarray(ds[()])).hexdigest()
 
 
 def write_dataset(
@@ -86,6 +95,7 @@ def write_dataset(
                 if layout == "sample":
                     group.create_dataset("images", data=images)  # contiguous, uncompressed
                     group.create_dataset("labels", data=labels)
+                    _checksum(group)
                     continue
                 row_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize
                 rows = max(1, min(images.shape[0], (1 << 20) // row_bytes))  # ~1 MiB chunks
@@ -103,6 +113,7 @@ def write_dataset(
                     compression="gzip",
                     compression_opts=9,
                 )
+                _checksum(group)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)

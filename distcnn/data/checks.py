@@ -96,11 +96,19 @@ def _check_label_range(labels: np.ndarray, num_classes: int, labels_name: str, f
         )
 
 
+MAX_CLASSES = 1 << 16  # documented in docs/interface.md ("Limits")
+
+
 def _check_num_classes(value: Any, name: str, fix: str) -> int:
     """num_classes must be an integer >= 2 (a scalar, possibly a NumPy one)."""
     arr = np.asarray(value)
     if arr.shape != () or arr.dtype.kind not in "iu" or int(arr) < 2:
         raise UsageError(f"{name} is {value!r}; it must be an integer >= 2: {fix}")
+    if int(arr) > MAX_CLASSES:  # class counts, logits and the K x K confusion matrix scale with K
+        raise UsageError(
+            f"{name} is {int(arr):,}, more than the {MAX_CLASSES:,} classes distcnn supports "
+            f"(its K x K confusion matrix alone would need {8 * int(arr) ** 2:,} bytes): {fix}"
+        )
     return int(arr)
 
 

@@ -1,6 +1,6 @@
 """The dataset file on disk: opening it, finding and validating its splits, loading one.
 
-File layout (see INTERFACE.md, "Dataset file (HDF5)"):
+File layout (see docs/interface.md, "Dataset file (HDF5)"):
 
     /<split>/images   (N, C, H, W) uint8 (0..255) or float32
     /<split>/labels   (N,) integers in [0, num_classes)
@@ -12,6 +12,8 @@ Splits are `train` (required for training), `val` and `test` (optional).
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from distcnn import safefile
 from distcnn.data.checks import (
     SPLITS,
     _check_finite,
@@ -36,34 +39,35 @@ from distcnn.errors import UsageError
 DEFAULT_DATASET = Path(__file__).resolve().parent.parent.parent / "data" / "mnist.h5"
 
 
+_WHAT = "dataset file"
+_FIX = "check the path, or build one with python -m distcnn.data build"
+_DAMAGED = "rebuild it with python -m distcnn.data build"
+
+
 def _open_h5(path: str | os.PathLike) -> h5py.File:
-    """Open an existing HDF5 file read-only, or raise UsageError saying what is wrong."""
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(
-            f"dataset file {p} does not exist: check the path, or build one with "
-            "python -m distcnn.data build"
-        )
-    if p.is_dir():
-        raise UsageError(f"dataset path {p} is a directory: give the .h5 file inside it")
-    if not h5py.is_hdf5(p):
-        raise UsageError(
-            f"{p} is not an HDF5 file: give a dataset built with python -m distcnn.data build"
-        )
-    try:
-        return h5py.File(p, "r")
-    except OSError as exc:
-        raise UsageError(f"cannot open {p} as HDF5 ({exc}): rebuild the file") from None
+    """Open an existing HDF5 file read-only through distcnn.safefile (special files, data
+    outside the file and HDF5 errors refused with one line), or raise UsageError."""
+    return safefile.open_h5(path, _WHAT, _FIX, _DAMAGED)
+
+
+def _read(ds: h5py.Dataset, path: Path) -> np.ndarray:
+    """A whole dataset, size-checked before it is allocated; damage is one line."""
+    return safefile.read_dataset(ds, path, _WHAT, _DAMAGED)
+
+
+def _attr(f: h5py.File, key: str, path: Path) -> Any:
+    return safefile.read_attr(f, key, path, _WHAT, "fix or delete the attribute")
 
 
 def _file_num_classes(f: h5py.File, path: Path) -> int:
-    if "num_classes" not in f.attrs:
+    value = _attr(f, "num_classes", path)
+    if value is None:
         raise UsageError(
             f"{path} has no root attribute num_classes: set it, or rebuild the file with "
             "python -m distcnn.data build --num-classes K"
         )
     return _check_num_classes(
-        f.attrs["num_classes"],
+        value,
         f"root attribute num_classes of {path}",
         "set it to the number of classes",
     )
@@ -71,7 +75,10 @@ def _file_num_classes(f: h5py.File, path: Path) -> int:
 
 def _file_splits(f: h5py.File) -> list[str]:
     """Groups at the root that hold images and labels, train/val/test first."""
-    names = [k for k in f if isinstance(f[k], h5py.Group) and "images" in f[k]]
+    # (a name that is not UTF-8, which h5py hands back as bytes, is no split of ours)
+    names = [
+        k for k in f if isinstance(k, str) and isinstance(f[k], h5py.Group) and "images" in f[k]
+    ]
     return sorted(names, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
 
 
@@ -90,6 +97,8 @@ def _split_datasets(f: h5py.File, path: Path, split: str) -> tuple[h5py.Dataset,
                 "python -m distcnn.data build"
             )
     images, labels = f[split]["images"], f[split]["labels"]
+    for ds in (images, labels):  # readable at all (a null dataspace, an unknown filter, ...)?
+        safefile.check_dataset(ds, path, _WHAT, _DAMAGED, whole=False)
     images_name, labels_name = f"/{split}/images in {path}", f"/{split}/labels in {path}"
     _check_shapes(images.shape, labels.shape, images_name, labels_name)
     _check_image_dtype(images.dtype, images_name)
@@ -103,7 +112,7 @@ def _split_datasets(f: h5py.File, path: Path, split: str) -> tuple[h5py.Dataset,
 
 def _file_labels(f: h5py.File, path: Path, split: str, num_classes: int) -> np.ndarray:
     """(N,) int64 labels of a split, range-checked."""
-    labels = f[split]["labels"][()].astype(np.int64, copy=False)
+    labels = _read(f[split]["labels"], path).astype(np.int64, copy=False)
     _check_label_range(
         labels,
         num_classes,
@@ -129,7 +138,19 @@ class SplitInfo:
     @property
     def nbytes(self) -> int:
         """Bytes of the images and labels (int64) in memory."""
-        return self.n * (int(np.prod(self.image_shape)) * self.dtype.itemsize + 8)
+        return self.n * (math.prod(self.image_shape) * self.dtype.itemsize + 8)  # exact ints
+
+
+def _verify_sha(ds: h5py.Dataset, values: np.ndarray, path: Path) -> None:
+    """Compare data read whole with the dataset's sha256 attribute (written by data build)."""
+    want = _attr(ds, "sha256", path)
+    if want is None:  # a file from before the checksums, or made by other tools
+        return
+    want = want.decode() if isinstance(want, bytes) else str(want)
+    if hashlib.sha256(np.ascontiguousarray(values, dtype=ds.dtype)).hexdigest() != want:
+        raise UsageError(
+            f"{_WHAT} {path}: {ds.name} fails its sha256 checksum (the file is damaged): {_DAMAGED}"
+        )
 
 
 def split_info(path: str | os.PathLike, split: str) -> SplitInfo:
@@ -140,7 +161,7 @@ def split_info(path: str | os.PathLike, split: str) -> SplitInfo:
         num_classes = _file_num_classes(f, path)
         images_ds, _ = _split_datasets(f, path, split)
         c, h, w = (int(s) for s in images_ds.shape[1:])
-        mean, std = _norm_stats(f.attrs.get("mean"), f.attrs.get("std"), c, path)
+        mean, std = _norm_stats(_attr(f, "mean", path), _attr(f, "std", path), c, path)
         return SplitInfo(
             path, split, int(images_ds.shape[0]), (c, h, w), np.dtype(images_ds.dtype),
             num_classes, mean, std,
@@ -155,8 +176,13 @@ def read_split_into(info: SplitInfo, images: np.ndarray, labels: np.ndarray) -> 
         try:
             labels[...] = _file_labels(f, path, split, info.num_classes)
         except UsageError as exc:
-            raise UsageError(f"{path}: {exc}") from None
-        f[split]["images"].read_direct(images)  # chunk by chunk, no temporary of the whole
+            raise UsageError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
+        ds = f[split]["images"]
+        safefile.verify_chunks(ds, path, _WHAT, _DAMAGED)  # HDF5 hands back damaged chunks
+        with safefile.h5_errors(path, _WHAT, _DAMAGED):
+            ds.read_direct(images)  # chunk by chunk, no temporary of the whole
+        _verify_sha(ds, images, path)
+        _verify_sha(f[split]["labels"], labels, path)
     _check_finite(images, f"/{split}/images in {path}")
 
 
@@ -168,6 +194,10 @@ def load_split(path: str | os.PathLike, split: str) -> Split:
     the dataset inside it, the bad value and the fix.
     """
     info = split_info(path, split)
+    safefile.require_bytes(
+        info.nbytes, f"{_WHAT} {info.path}: /{split} ({info.n:,} images of {info.image_shape})",
+        "use --data-mode stream, or a smaller split",
+    )  # fmt: skip
     images = np.empty((info.n, *info.image_shape), dtype=info.dtype)
     labels = np.empty(info.n, dtype=np.int64)
     read_split_into(info, images, labels)
@@ -221,8 +251,23 @@ def dataset_summary(path: str | os.PathLike) -> dict:
             try:
                 labels = _file_labels(f, path, name, num_classes)
             except UsageError as exc:
-                raise UsageError(f"{path}: {exc}") from None
-            _check_finite(images, f"/{name}/images in {path}")
+                raise UsageError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
+            # read what is summarised: every chunk decodes (a damaged one is refused here)
+            safefile.check_dataset(images, path, _WHAT, _DAMAGED, whole=False)
+            safefile.verify_chunks(images, path, _WHAT, _DAMAGED)
+            with safefile.h5_errors(path, _WHAT, _DAMAGED):
+                _check_finite(images, f"/{name}/images in {path}")
+                digest = hashlib.sha256()
+                for start in range(0, images.shape[0], 4096):
+                    digest.update(np.ascontiguousarray(images[start : start + 4096]))
+            want = _attr(images, "sha256", path)
+            want = want.decode() if isinstance(want, bytes) else want
+            if want is not None and digest.hexdigest() != str(want):
+                raise UsageError(
+                    f"{_WHAT} {path}: {images.name} fails its sha256 checksum (the file is "
+                    f"damaged): {_DAMAGED}"
+                )
+            _verify_sha(f[name]["labels"], _read(f[name]["labels"], path), path)
             splits[name] = {
                 "n": int(images.shape[0]),
                 "image_shape": tuple(int(s) for s in images.shape[1:]),
@@ -232,6 +277,6 @@ def dataset_summary(path: str | os.PathLike) -> dict:
             }
         channels = {s["image_shape"][0] for s in splits.values()}
         for c in channels:
-            _norm_stats(f.attrs.get("mean"), f.attrs.get("std"), c, path)
-        attrs = {k: _attr_value(v) for k, v in f.attrs.items() if k != "num_classes"}
+            _norm_stats(_attr(f, "mean", path), _attr(f, "std", path), c, path)
+        attrs = {k: _attr_value(_attr(f, k, path)) for k in f.attrs if k != "num_classes"}
     return {"path": str(path), "num_classes": num_classes, "splits": splits, "attrs": attrs}

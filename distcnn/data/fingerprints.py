@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from distcnn import safefile
 from distcnn.data.dataset import _file_num_classes, _file_splits, _open_h5
 
 VERSION = 1
@@ -66,9 +67,12 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     pixels or labels (load_split does).
     """
     path = Path(path)
-    with _open_h5(path) as f:
+    fix = "rebuild it with python -m distcnn.data build"
+    with _open_h5(path) as f, safefile.h5_errors(path, "dataset file", fix):
         num_classes = _file_num_classes(f, path)
         names = [name for name in _file_splits(f) if "labels" in f[name]]
+        for name in names:  # sizes checked before the labels are read
+            safefile.check_dataset(f[name]["labels"], path, "dataset file", fix)
         splits = {name: _split_fingerprint(f[name]) for name in names}
         stats = [
             np.asarray(f.attrs[k], dtype="<f4").reshape(-1).tolist() if k in f.attrs else None

@@ -5,14 +5,15 @@ Each returns images (N, C, H, W) uint8 or float32 and labels (N,) int64, or rais
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from distcnn import safefile
 from distcnn.data.checks import _check_finite, _labels_as_int64
 from distcnn.errors import UsageError
 
@@ -29,18 +30,26 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _read_bytes(path: str | os.PathLike) -> bytes:
-    """Whole file, gunzipped if it starts with the gzip magic number."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"source file {p} does not exist: check the path")
-    raw = p.read_bytes()
-    if raw[:2] != _GZIP_MAGIC:
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError) as exc:
-        raise UsageError(f"{p} is not a valid gzip file ({exc}): re-download it") from None
+def _read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """Whole file, gunzipped if it starts with the gzip magic number; refused past `limit`
+    bytes (default a tenth of safefile.memory_limit(): parsing text takes several times its
+    size), so a decompression bomb stops there."""
+    cap = safefile.memory_limit() // 10 if limit is None else int(limit)
+    with safefile.open_source(path, "source file") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise UsageError(
+            f"source file {path} holds (unpacked) more than {safefile.fmt_bytes(cap)} "
+            f"({cap:,} bytes, a tenth of the memory limit): it is a decompression bomb or too "
+            "big to parse here; split it into smaller files"
+        )
+    return data
+
+
+def _gz_head(path: str | os.PathLike) -> bytes:
+    """The first 4 (unpacked, if gzip) bytes of a file; nothing more is read."""
+    with safefile.open_source(path, "source file") as f:
+        return f.read(4)
 
 
 def _looks_like_idx(head: bytes) -> bool:
@@ -56,24 +65,31 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     dimension and the data. Returns the array in native byte order, e.g. (N, 28, 28) uint8 for
     MNIST images, (N,) uint8 for labels.
     """
-    data = _read_bytes(path)
-    if not _looks_like_idx(data[:4]):
+    with safefile.open_source(path, "IDX file") as f:
+        head = f.read(4)
+        if not _looks_like_idx(head):
+            raise UsageError(
+                f"{path} is not an IDX file (magic {head.hex() or 'missing'}): give MNIST-style "
+                "IDX files (.gz or raw), or a .csv/.npz source"
+            )
+        dtype, ndim = _IDX_DTYPES[head[2]], head[3]
+        raw_dims = f.read(4 * ndim)
+        if len(raw_dims) < 4 * ndim:
+            raise UsageError(f"{path} has a bad IDX header ({ndim} dimensions): re-download it")
+        dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4"))
+        expected = safefile.shape_bytes(dims, dtype.itemsize)  # exact: no int64 overflow
+        safefile.require_bytes(
+            expected, f"IDX file {path}, whose header declares {dims} {dtype.name},",
+            "check the file (a damaged header?) or split the data",
+        )  # fmt: skip
+        data = f.read(expected + 1)  # never more than the header declares (plus one)
+    if len(data) != expected:
         raise UsageError(
-            f"{path} is not an IDX file (magic {data[:4].hex() or 'missing'}): give MNIST-style "
-            "IDX files (.gz or raw), or a .csv/.npz source"
+            f"{path} holds {'more than ' if len(data) > expected else ''}"
+            f"{min(len(data), expected)} data bytes but its header {dims} needs {expected}: "
+            "the file is truncated or corrupt, re-download it"
         )
-    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise UsageError(f"{path} has a bad IDX header ({ndim} dimensions): re-download it")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise UsageError(
-            f"{path} holds {len(data) - header} data bytes but its header {dims} needs "
-            f"{expected}: the file is truncated or corrupt, re-download it"
-        )
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+    array = np.frombuffer(data, dtype=dtype).reshape(dims)
     return array.astype(dtype.newbyteorder("="))
 
 
@@ -182,8 +198,7 @@ def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     Returns images (N, C, H, W) as uint8 (integer pixels in 0..255) or float32, labels (N,) int64.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"source file {path} does not exist: check the path")
+    safefile.npz_headers(path, "source file")  # sizes from the headers, before any allocation
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("images", "labels") if k not in npz.files]
@@ -194,7 +209,14 @@ def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
                     "np.savez(path, images=..., labels=...)"
                 )
             images, labels = npz["images"], npz["labels"]
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        NotImplementedError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as exc:
         raise UsageError(f"cannot read {path} as .npz ({exc}): give a NumPy .npz file") from None
     return _image_label_pair(
         images,
@@ -245,15 +267,14 @@ def read_source(
     else:
         path = Path(spec)
         name = path.name.lower()
-        if not path.is_file():
-            raise UsageError(f"source file {path} does not exist: check the path")
+        safefile.check_file(path, "source file", "check the path")
         if name.endswith((".csv", ".csv.gz")):
             return read_csv(path, shape)
         with open(path, "rb") as fh:
             head = fh.read(4)
         if name.endswith(".npz") or head == _ZIP_MAGIC:
             images, labels = read_npz(path)
-        elif _looks_like_idx(_read_bytes(path)[:4]):
+        elif _looks_like_idx(_gz_head(path)):
             raise UsageError(
                 f"{path} is an IDX file; give its labels file too: IMAGES,LABELS, e.g. "
                 f"--train {path},LABELS"
