@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,9 +348,26 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def looks_like_hdf5(path: str | os.PathLike) -> bool:
+    """A regular file that starts with the HDF5 signature (what h5py writes): a cheap first
+    test that cannot block (FIFOs and devices are not opened)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            return f.read(8) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
 def run_id_of(path: str | os.PathLike) -> str | None:
     """The run_id root attribute of a checkpoint, read without verifying anything ("" for a
-    checkpoint older than run ids); None when the file cannot be opened as HDF5."""
+    checkpoint older than run ids); None when the file is not a regular HDF5 file."""
+    if not looks_like_hdf5(path):
+        return None
     try:
         with h5py.File(path, "r") as f:
             v = f.attrs.get("run_id", "")
@@ -363,7 +381,10 @@ def of_run(directory: str | os.PathLike, run_id: str) -> list[tuple[int, Path]]:
     return [(s, p) for s, p in list_checkpoints(directory) if run_id_of(p) == run_id]
 
 
-def summarize_skips(skipped: list[str], limit: int = 3) -> str:
+SKIPS_SHOWN = 3  # reasons named in the one line that sums up the files --resume auto skipped
+
+
+def summarize_skips(skipped: list[str], limit: int = SKIPS_SHOWN) -> str:
     """One short phrase for many skipped files: the first `limit` reasons, then a count."""
     head = "; ".join(skipped[:limit])
     more = len(skipped) - limit
@@ -379,11 +400,14 @@ def newest_valid(
     others = 0
     found = None
     for _, p in list_checkpoints(directory):
-        if run_id is not None:
-            rid = run_id_of(p)
-            if rid is not None and rid != run_id:
-                others += 1
-                continue
+        rid = run_id_of(p)
+        if run_id is not None and rid is not None and rid != run_id:
+            others += 1
+            continue
+        if rid is None and len(damaged) >= SKIPS_SHOWN:
+            # not even HDF5: only the reasons shown need the full (slower, guarded) load
+            damaged.append(f"{p.name}: not an HDF5 file")
+            continue
         try:
             load(p)
         except CheckpointError as e:
