@@ -55,9 +55,16 @@ TABLE_PIXELS = (28, 56, 112)
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 # the second model: a wider CIFAR-shaped network on 3x32x32 inputs
 SECOND_SPEC = "conv:32:3,relu,maxpool:2,conv:64:3,relu,maxpool:2,flatten,dense:256,relu,dense"
+# the stronger model of the README: distcnn.model.STRONG_SPEC (not imported: NumPy must load only
+# after a worker has set its threads)
+STRONG_SPEC = (
+    "conv:32:3,relu,maxpool:2,bn,conv:64:3,relu,maxpool:2,bn,flatten,dense:128,relu,bn,"
+    "dropout:0.3,dense"
+)
 MODELS = {
     "ref": ("reference model", None, (1, 28, 28)),  # spec None: distcnn.model.REFERENCE_SPEC
     "second": ("second model", SECOND_SPEC, (3, 32, 32)),
+    "strong": ("stronger model (bn, dropout)", STRONG_SPEC, (1, 28, 28)),
 }
 # every variable that selects kernels by instruction set, on either side
 ISA_VARS = (

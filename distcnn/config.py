@@ -116,6 +116,20 @@ class Config:
         "0.9,0.999", "Adam/AdamW betas (default 0.9,0.999)", metavar="B1,B2", check=_betas_rule
     )
     eps: float = setting(1e-8, "Adam/AdamW epsilon (default 1e-8)", above=0.0, example="1e-8")
+    accum_steps: int = setting(
+        1,
+        "K micro-batches of --batch-size per optimizer step, one allreduce per step (default 1)",
+        min=1,
+        max=4096,
+        metavar="K",
+    )
+    sync_bn: bool = setting(False, "batch norm statistics of the global batch, not the shard")
+    allreduce_dtype: str = setting(
+        "float32",
+        f"precision of the gradient allreduce: {', '.join(ALLREDUCE_DTYPES)} (default float32)",
+        choices=ALLREDUCE_DTYPES,
+        metavar="DTYPE",
+    )
     weight_decay: float = setting(5e-4, "L2 weight decay (default 5e-4)", min=0.0)
     lr_schedule: str = setting(
         "cosine",

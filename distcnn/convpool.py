@@ -38,19 +38,47 @@ import numpy as np
 
 from distcnn.layers import TRAIN, Layer, Pass, Shape
 
-# GEMMs with a short inner dimension (conv1: 9 taps + bias) run in column blocks of about this
-# many bytes of [columns; outputs]: OpenBLAS (1 thread) then takes 0.27 instead of 0.42-0.51 ms
-# for conv1's forward at batch 64 and 0.37 instead of 0.6 ms for its weight gradient. Longer
-# inner dimensions (conv2: 145) gain nothing from it (docs/performance.md).
+# GEMMs with a short inner dimension (conv1: 9 or 27 taps + bias) gain from column blocks only
+# where OpenBLAS has small-matrix kernels: its AVX-512 (SkylakeX-family) cores take GEMMs with
+# M*N*K <= 100^3 without packing them, 2-3x faster for these shapes (conv1 of the reference model
+# at batch 64: 0.24 instead of 0.6 ms forward, 0.22-0.24 instead of 0.8 ms weight gradient; the
+# second bench model's conv1: 3.2 instead of 4.6 ms, 2.3 instead of 4.1 ms). Its AVX2 (Haswell)
+# kernels have no such path, and blocks only add calls there, so those run one GEMM. Longer inner
+# dimensions (conv2: 145) gain nothing (docs/performance.md).
 SHORT_K = 32
-BLOCK_BYTES = 448 << 10
+SMALL_GEMM_MNK = 100**3
+_SMALL_KERNEL_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+_small_kernels: list[bool] = []  # cached: does this process's OpenBLAS have them?
 
 
-def column_blocks(k: int, f: int, m: int, itemsize: int) -> list[tuple[int, int]]:
-    """Column ranges [a, b) for a GEMM of (f, k) @ (k, m): one block unless k <= SHORT_K."""
-    if k > SHORT_K:
+def blas_small_kernels() -> bool:
+    """True when NumPy's BLAS is an OpenBLAS core with small-matrix GEMM kernels."""
+    if not _small_kernels:
+        try:
+            from threadpoolctl import threadpool_info
+
+            arch = [
+                str(i.get("architecture") or "").lower()
+                for i in threadpool_info()
+                if i.get("internal_api") == "openblas"
+            ]
+            _small_kernels.append(bool(arch) and arch[0] in _SMALL_KERNEL_CORES)
+        except Exception:  # pragma: no cover - threadpoolctl cannot inspect this BLAS
+            _small_kernels.append(False)
+    return _small_kernels[0]
+
+
+def column_blocks(
+    k: int, f: int, m: int, itemsize: int, small: bool | None = None
+) -> list[tuple[int, int]]:
+    """Column ranges [a, b) for a GEMM of (f, k) @ (k, m): one block unless k <= SHORT_K and the
+    BLAS has small-matrix kernels (`small`, default: blas_small_kernels()); then blocks of
+    f * k * cols <= SMALL_GEMM_MNK, in multiples of 16 columns."""
+    if small is None:
+        small = blas_small_kernels()
+    if k > SHORT_K or not small:
         return [(0, m)]
-    step = max(1, BLOCK_BYTES // ((k + f) * itemsize))
+    step = max(16, SMALL_GEMM_MNK // (f * k) // 16 * 16)
     return [(a, min(m, a + step)) for a in range(0, m, step)]
 
 

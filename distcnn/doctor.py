@@ -6,8 +6,8 @@ Every rank reports what it sees; rank 0 prints one table and a verdict:
   NumPy, mpi4py), whether its --data is readable and its fingerprint;
 - the node layout (ranks per host) and the gradient allreduce path training will take (the
   same decision the trainer makes, start-up measurement included);
-- rank 0: whether --checkpoint-dir is writable (or creatable) and its free space; nothing is
-  created or written there;
+- rank 0: whether --checkpoint-dir is writable (or creatable) and its free space, proved with
+  a probe file removed at once (in the nearest existing parent when the directory is missing);
 - the measured allreduce of 8 bytes (latency) and of the gradient (time, bandwidth);
 - a scaling prediction (distcnn.scaling; `--no-scaling` skips it): alpha/beta fitted to
   allreduces of several sizes, the compute time per step measured with every rank computing at
@@ -17,7 +17,7 @@ Every rank reports what it sees; rank 0 prints one table and a verdict:
 Exit code: 0 when the verdict is OK; 1 when a rank disagrees with rank 0 (config, model,
 dataset contents, versions) or a check failed (unreadable dataset, unwritable checkpoint dir),
 each reason on its own `problem:` line and the last line `verdict: ...`; 2 for bad flags. It does
-not train, and writes no file.
+not train and leaves no file behind.
 """
 
 from __future__ import annotations

@@ -801,6 +801,9 @@ class BatchNorm(Layer):
         local[c:] = np.sum(tmp, axis=self._axes, dtype=np.float64)
         self.g["bias"][...] = local[:c]
         self.g["weight"][...] = local[c:]
+        tot = local
+        if self._train and self.sync is not None:
+            tot = self.sync(local)  # MPI: --sync-bn (also when no dx is needed: every rank)
         if not need_dx:
             return None
         dx = self.ws.like("dx", dy)
@@ -808,7 +811,6 @@ class BatchNorm(Layer):
         if not self._train:
             np.multiply(dy, scale, out=dx)
             return dx
-        tot = self.sync(local) if self.sync is not None else local  # MPI: --sync-bn
         m = self._m
         # dx = scale * (dy - dbeta / M - xhat * dgamma / M)
         np.multiply(xhat, (tot[c:] / m).astype(self.dtype).reshape(b), out=dx)

@@ -48,6 +48,12 @@ from distcnn.layers import (
 )
 
 REFERENCE_SPEC = "conv:16:3,relu,maxpool:2,conv:32:3,relu,maxpool:2,flatten,dense:128,relu,dense"
+# A stronger MNIST model with batch norm and dropout (README, "Model spec"); its conv blocks keep
+# conv,relu,maxpool together so they run as ConvPool layers, with bn after the pool.
+STRONG_SPEC = (
+    "conv:32:3,relu,maxpool:2,bn,conv:64:3,relu,maxpool:2,bn,flatten,dense:128,relu,bn,"
+    "dropout:0.3,dense"
+)
 
 _NAME_PREFIX = {"conv": "conv", "dense": "fc", "bn": "bn"}
 # loss_and_grad passes (Model.sub_batch): at most SUB_BATCH_BYTES of activations, but at least
@@ -257,6 +263,7 @@ class Model:
         dtype: np.dtype = np.float32,
         grad_extra: int = 0,
         grad_alloc: Callable[[int, np.dtype], np.ndarray] | None = None,
+        params: np.ndarray | None = None,
     ) -> None:
         self.spec = spec
         self.input_shape = tuple(int(d) for d in input_shape)
@@ -278,7 +285,9 @@ class Model:
             f"{layer.name}.{key}": a for layer in self.norms for key, a in layer.buf.items()
         }
         self.num_stats = sum(layer.num_stats() for layer in self.norms)
-        self.params = np.zeros(self.num_params, dtype=self.dtype)  # (P,)
+        # params: another model's flat buffer to share (the --sync-bn --deterministic lanes)
+        self.params = np.zeros(self.num_params, self.dtype) if params is None else params  # (P,)
+        assert self.params.shape == (self.num_params,) and self.params.dtype == self.dtype
         # grad_buffer has `grad_extra` spare slots after the gradient, so a trainer can reduce
         # the gradient and a few scalars (loss, accuracy, flags) in a single collective.
         # grad_alloc(n, dtype), when given, supplies it zeroed (Comm.reduce_buffer: shared memory).
@@ -357,6 +366,12 @@ class Model:
             a = buf[sl.start - base : sl.stop - base]
             layer.update_running_stats(np.asarray(a, dtype=np.float64))
 
+    def share_buffers(self, other: Model) -> None:
+        """Use other's batch norm running statistics (the same arrays): a lane of `other`."""
+        for mine, theirs in zip(self.norms, other.norms, strict=True):
+            mine.buf = theirs.buf
+        self.buffers = other.buffers
+
     def set_norm_sync(self, sync: Callable[[np.ndarray], np.ndarray] | None) -> None:
         """--sync-bn: every batch norm normalises with the global batch's statistics, summing
         its float64 vectors over ranks with `sync` (None: each pass's own batch)."""
@@ -403,6 +418,7 @@ class Model:
         if n == 0:
             self.grads[...] = 0
             self.stat_sums[...] = 0
+            self._empty_pass_sync()
             return 0.0, 0
         step = self.sub_batch(n)
         if step >= n:
@@ -428,11 +444,21 @@ class Model:
         self.grads[...] = acc
         return loss, correct
 
-    def sub_batch(self, n: int) -> int:
+    def _empty_pass_sync(self) -> None:
+        """--sync-bn with an empty shard: make the batch norms' sums over ranks anyway, with
+        zeros, in the order a real pass makes them (forward in order, backward in reverse)."""
+        synced = [layer for layer in self.norms if layer.sync is not None]
+        for layer in synced:
+            layer.sync(np.zeros(layer.num_stats()))
+        for layer in reversed(synced):
+            layer.sync(np.zeros(2 * layer.channels))
+
+    def sub_batch(self, n: int, train: bool = True) -> int:
         """Images per forward/backward pass in loss_and_grad for a batch of n: as many as keep
         the estimated activations (`activation_bytes` per image) within `sub_batch_bytes`, split
-        evenly (with at most 84 per pass, 100 images run as 2 passes of 50)."""
-        if self.norms:
+        evenly (with at most 84 per pass, 100 images run as 2 passes of 50). A model with batch
+        norm trains in one pass (its statistics are the batch's) but evaluates in passes."""
+        if self.norms and train:
             return n  # batch statistics are those of the whole batch: one pass
         act = self.activation_bytes()
         # Each pass also reads the weights and writes and sums a full gradient, so a pass
@@ -468,7 +494,7 @@ class Model:
         """(loss sum, correct, predictions (N,)) for one batch, forward only; a big batch runs in
         the passes loss_and_grad would use."""
         n = x.shape[0]
-        step = self.sub_batch(n) if n else 1
+        step = self.sub_batch(n, train=False) if n else 1
         loss, correct, pred = 0.0, 0, np.empty(n, dtype=np.int64)
         for s in range(0, n, step):
             logits = self.forward(x[s : s + step], EVAL)

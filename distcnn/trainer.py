@@ -13,7 +13,6 @@ Every place that talks to other ranks is marked `# MPI:`.
 
 from __future__ import annotations
 
-import math
 import socket
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from distcnn import checkpoint as ckpt
 from distcnn import data as datamod
 from distcnn import signals
 from distcnn.comm import Comm
+from distcnn.compress import CompressedAllreduce
 from distcnn.config import Config, parse_betas
 from distcnn.errors import UsageError
 from distcnn.faults import fault_from_env, inject_fault, slow_from_env
@@ -41,6 +41,7 @@ from distcnn.saver import SaveFailed, Saver
 from distcnn.status import StatusFile
 from distcnn.stragglers import PERSIST, StragglerWatch
 from distcnn.stragglers import describe as describe_straggler
+from distcnn.syncbn import LaneSync, run_lanes
 
 __all__ = ["Console", "SaveFailed", "TrainState", "Trainer", "evaluate_split"]
 
@@ -132,6 +133,11 @@ class Trainer:
                 f"--batch-size {cfg.batch_size} is smaller than the {comm.size} ranks; "
                 f"use at least {comm.size}"
             )
+        if cfg.deterministic and cfg.allreduce_dtype != "float32":
+            raise UsageError(
+                f"--allreduce-dtype {cfg.allreduce_dtype} rounds partial sums whose grouping "
+                "depends on the rank count, so it cannot be --deterministic; drop one of them"
+            )
         if cfg.deterministic and DET_SHARDS % comm.size:
             raise UsageError(
                 f"--deterministic needs a number of ranks that divides {DET_SHARDS}, got "
@@ -179,7 +185,10 @@ class Trainer:
         self.straggler_records: list[dict[str, Any]] = []  # of the last step
         self._slots_dirty = True  # the reduce buffer's straggler slots need clearing
         self.bad_in_row = 0  # non-finite steps in a row
-        self.steps_per_epoch = steps_per_epoch(len(self.train), cfg.batch_size)
+        # one optimizer step takes accum_steps micro-batches of batch_size (the last step of an
+        # epoch takes what is left: fewer micro-batches, the last one short)
+        self.step_batch = cfg.batch_size * cfg.accum_steps
+        self.steps_per_epoch = steps_per_epoch(len(self.train), self.step_batch)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -199,9 +208,37 @@ class Trainer:
         shard = -(-cfg.batch_size // (DET_SHARDS if cfg.deterministic else comm.size))
         self.xbuf = np.empty((shard, *self.train.image_shape), dtype=np.float32)
         if cfg.deterministic:
-            levels = int(math.log2(DET_SHARDS // comm.size)) + 1
-            self.tree = [np.zeros_like(self.red) for _ in range(levels)]
+            # one buffer per micro-shard this rank owns (its gradient summed over micro-batches)
+            self.leaves = [np.zeros_like(self.red) for _ in range(DET_SHARDS // comm.size)]
             self.gathered = np.zeros((comm.size, self.red.size), dtype=np.float32)
+        if cfg.accum_steps > 1:
+            self.acc = np.zeros_like(self.red)  # the micro-batches' sums, before the allreduce
+        self.lanes: list[Model] = []
+        if cfg.sync_bn and cfg.deterministic:
+            # one lane per micro-shard of this rank (distcnn.syncbn); lane 0 is the model
+            per_rank = DET_SHARDS // comm.size
+            self.lane_sync = LaneSync(comm, per_rank)
+            self.lanes = [self.model] + [
+                Model(
+                    self.model.spec,
+                    self.model.input_shape,
+                    self.model.num_classes,
+                    np.float32,
+                    grad_extra=EXTRA + comm.size,
+                    params=self.model.params,
+                )  # fmt: skip
+                for _ in range(per_rank - 1)
+            ]
+            for j, lane in enumerate(self.lanes):
+                lane.share_buffers(self.model)
+                lane.set_norm_sync(self.lane_sync.for_lane(j))
+            self.lane_x = [np.empty_like(self.xbuf) for _ in self.lanes]
+        elif cfg.sync_bn:
+            self.model.set_norm_sync(self._sync_norm_sums)
+        self.compressed = None
+        if cfg.allreduce_dtype != "float32" and comm.size > 1:
+            self.compressed = CompressedAllreduce(comm, self.red.size, self.n_params,
+                                                  cfg.allreduce_dtype)  # fmt: skip
         self._init_or_resume(resume, resume_path)
         self.metrics = Metrics(
             self.state.log, self.phases, cfg.log_every, len(self.train), self.lr_at
@@ -276,6 +313,8 @@ class Trainer:
         for name, a in self.model.buffers.items():
             a[...] = resume.buffers[name]
         self.opt.steps = int(resume.extra.get("optimizer_steps", resume.step))
+        if self.compressed is not None and "allreduce_scale" in resume.extra:
+            self.compressed.scale = float(resume.extra["allreduce_scale"])
 
     def _check_same_train_split(self, resume: ckpt.Checkpoint, path: str) -> None:
         """The data order and the position in it only mean the same thing on the same training
@@ -305,9 +344,12 @@ class Trainer:
         self.comm.bcast(self.model.params, 0, "initial parameters")
         for name, buf in self.opt.state.items():
             self.comm.bcast(buf, 0, f"optimizer state {name}")
-        small = {"optimizer_steps": self.opt.steps, "buffers": self.model.buffers}
+        small = {"optimizer_steps": self.opt.steps, "buffers": self.model.buffers,
+                 "scale": self.compressed.scale if self.compressed else 1.0}  # fmt: skip
         small = self.comm.bcast_object(small, 0, "optimizer steps and batch norm statistics")
         self.opt.steps = small["optimizer_steps"]
+        if self.compressed is not None:
+            self.compressed.scale = small["scale"]
         for name, a in self.model.buffers.items():
             a[...] = small["buffers"][name]
         if self.comm.size > 1:  # MPI: for naming stragglers
@@ -371,19 +413,33 @@ class Trainer:
         fwd0, bwd0, comm0 = model.seconds["forward"], model.seconds["backward"], comm.comm_seconds
         if self.slow:
             time.sleep(self.slow)
+        micro = [batch[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
         if cfg.deterministic:
-            self._deterministic_grads(batch, t)
+            self._deterministic_grads(micro, n, t)
         else:
-            lo, hi = shard_bounds(n, comm.size, comm.rank)
-            x = self.train.batch(batch[lo:hi], out=self.xbuf)
-            labels = self.train.labels[batch[lo:hi]]
-            loss, correct = model.loss_and_grad(x, labels, 1.0 / n, self._pass(batch[lo:hi]))
-            red[P], red[P + 1] = loss, correct
+            for k, mb in enumerate(micro):
+                lo, hi = shard_bounds(len(mb), comm.size, comm.rank)
+                x = self.train.batch(mb[lo:hi], out=self.xbuf)
+                labels = self.train.labels[mb[lo:hi]]
+                loss, correct = model.loss_and_grad(x, labels, 1.0 / n, self._pass(mb[lo:hi]))
+                red[P], red[P + 1] = loss, correct
+                if len(micro) > 1:  # accumulate: one allreduce per optimizer step
+                    if k == 0:
+                        self.acc[...] = red
+                    else:
+                        self.acc += red
+            if len(micro) > 1:
+                red[...] = self.acc
+                self._slots_dirty = True  # the copy brought back summed slots
             self._control_slots(red, t)
             self._maybe_inject_nan(red)
-            # MPI: the sum may land in a shared read-only array (Comm.allreduce_sum_view); it is
-            # read below, before the next collective
-            red = comm.allreduce_sum_view(red, f"gradient allreduce, step {self.state.step + 1}")
+            what = f"gradient allreduce, step {self.state.step + 1}"
+            if self.compressed is not None:
+                red = self.compressed.allreduce(red, what)  # MPI: 16-bit gradient
+            else:
+                # MPI: the sum may land in a shared read-only array (allreduce_sum_view); it
+                # is read below, before the next collective
+                red = comm.allreduce_sum_view(red, what)
         now = time.perf_counter()
         sec = self.phases.seconds
         fwd, bwd = model.seconds["forward"] - fwd0, model.seconds["backward"] - bwd0
@@ -427,6 +483,40 @@ class Trainer:
             buf[P + EXTRA + self.comm.rank] = value
             self._slots_dirty = True
 
+    def _lane_grads(self, mb: np.ndarray, n: int, k: int) -> None:
+        """--sync-bn --deterministic: this rank's micro-shards of micro-batch mb, each in its
+        lane, their batch norms meeting at the lanes' barrier; summed into the leaves."""
+        per_rank = len(self.lanes)
+        self.lane_sync.what = f"sync-bn sums, step {self.state.step + 1}"
+
+        def work(j: int) -> Any:
+            lo, hi = shard_bounds(len(mb), DET_SHARDS, self.comm.rank * per_rank + j)
+            x = self.train.batch(mb[lo:hi], out=self.lane_x[j])  # here, not in the lane
+            labels, ctx = self.train.labels[mb[lo:hi]], self._pass(mb[lo:hi])
+
+            def run() -> None:
+                lane = self.lanes[j]
+                loss, correct = lane.loss_and_grad(x, labels, 1.0 / n, ctx)
+                buf = lane.grad_buffer
+                buf[self.n_params], buf[self.n_params + 1] = loss, correct
+                if k == 0:
+                    self.leaves[j][...] = buf
+                else:
+                    self.leaves[j] += buf
+
+            return run
+
+        run_lanes([work(j) for j in range(per_rank)], self.lane_sync)
+
+    def _sync_norm_sums(self, v: np.ndarray) -> np.ndarray:
+        """--sync-bn: a batch norm's float64 sums over all ranks. A blocking allreduce per
+        batch norm layer in forward (its batch statistics) and in backward (the sums its input
+        gradient needs): the forward cannot go on without the statistics, so these cannot join
+        the step's gradient allreduce. Every rank makes them, an empty shard too."""
+        out = np.array(v, dtype=np.float64)
+        self.comm.allreduce_sum(out, f"sync-bn sums, step {self.state.step + 1}")  # MPI
+        return out
+
     def _pass(self, ids: np.ndarray) -> Pass:
         """A training pass over the samples `ids` (global dataset indices) at this step: what
         the dropout masks depend on, so they do not depend on the rank count."""
@@ -442,32 +532,39 @@ class Trainer:
         if self.fault == (self.state.step + 1, "nan"):
             buf[0] = np.nan
 
-    def _deterministic_grads(self, batch: np.ndarray, t0: float) -> None:
+    def _deterministic_grads(self, micro: list[np.ndarray], n: int, t0: float) -> None:
         """Gradient sums of DET_SHARDS fixed micro-shards, added as a fixed binary tree.
 
-        This rank owns a power-of-two aligned run of leaves, so its partial sum is a subtree of
-        the same tree whatever the rank count; the ranks' subtrees are then allgathered and
-        combined by the same pairwise additions on every rank. Same additions, same order:
-        bitwise identical for 1, 2, 4 or 8 ranks.
+        Micro-shard m of each micro-batch is the m-th of DET_SHARDS even parts of it; leaf m
+        sums micro-shard m over the micro-batches in order. This rank owns a power-of-two
+        aligned run of leaves, so its partial sum is a subtree of the same tree whatever the
+        rank count; the ranks' subtrees are then allgathered and combined by the same pairwise
+        additions on every rank. Same additions, same order: bitwise identical for 1, 2, 4 or
+        8 ranks.
         """
-        comm, n, P = self.comm, len(batch), self.n_params
+        comm, P = self.comm, self.n_params
         per_rank = DET_SHARDS // comm.size
+        for k, mb in enumerate(micro):
+            if self.lanes:
+                self._lane_grads(mb, n, k)
+                continue
+            for j, m in enumerate(range(comm.rank * per_rank, (comm.rank + 1) * per_rank)):
+                lo, hi = shard_bounds(len(mb), DET_SHARDS, m)
+                x = self.train.batch(mb[lo:hi], out=self.xbuf)
+                loss, correct = self.model.loss_and_grad(
+                    x, self.train.labels[mb[lo:hi]], 1.0 / n, self._pass(mb[lo:hi])
+                )
+                self.red[P], self.red[P + 1] = loss, correct
+                if k == 0:
+                    self.leaves[j][...] = self.red
+                else:
+                    self.leaves[j] += self.red
         stack: list[tuple[int, np.ndarray]] = []  # (level, buffer)
-        free = list(self.tree)
-        for m in range(comm.rank * per_rank, (comm.rank + 1) * per_rank):
-            lo, hi = shard_bounds(n, DET_SHARDS, m)
-            x = self.train.batch(batch[lo:hi], out=self.xbuf)
-            loss, correct = self.model.loss_and_grad(
-                x, self.train.labels[batch[lo:hi]], 1.0 / n, self._pass(batch[lo:hi])
-            )
-            self.red[P], self.red[P + 1] = loss, correct
-            buf = free.pop()
-            buf[...] = self.red
+        for buf in self.leaves:
             level = 0
             while stack and stack[-1][0] == level:
                 _, left = stack.pop()
                 left += buf  # left + right, always in this order
-                free.append(buf)
                 buf, level = left, level + 1
             stack.append((level, buf))
         ((_, mine),) = stack
@@ -501,6 +598,7 @@ class Trainer:
             extra={
                 "log_state": self.state.log.as_saved(),
                 "optimizer_steps": self.opt.steps,
+                "allreduce_scale": self.compressed.scale if self.compressed else 1.0,
                 "train_size": len(self.train),
             },
             optimizer_state={
@@ -547,7 +645,7 @@ class Trainer:
         order = epoch_order(self.cfg.seed, st.epoch, n_train)
         stop = False
         while st.step < self.total_steps and not stop:
-            batch = order[st.offset : st.offset + self.cfg.batch_size]
+            batch = order[st.offset : st.offset + self.step_batch]
             self._fault_before_step()
             loss, acc, stop, finite = self.step(batch)
             # A skipped step still counts (the step counter, the data position and the schedule
@@ -577,7 +675,9 @@ class Trainer:
         con.print(
             f"distcnn: {comm.size} rank(s), model {self.model.spec} ({self.n_params:,} params), "
             f"{len(self.train)} train images {self.train.image_shape}, global batch "
-            f"{cfg.batch_size}, {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
+            f"{self.step_batch}"
+            + (f" ({cfg.accum_steps} x {cfg.batch_size})" if cfg.accum_steps > 1 else "")
+            + f", {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
         )
         if comm.size > 1:
             con.print(f"gradient allreduce: {comm.allreduce_path}")

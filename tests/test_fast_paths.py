@@ -260,6 +260,43 @@ def test_convpool_block_matches_naive(in_shape, relu, dtype):
             np.testing.assert_allclose(grads["weight"], dw_ref, **TOL[dtype])
 
 
+def test_column_blocks_only_with_small_matrix_kernels():
+    from distcnn.convpool import SMALL_GEMM_MNK, column_blocks
+
+    assert column_blocks(10, 16, 50_000, 4, small=False) == [(0, 50_000)]
+    assert column_blocks(145, 32, 50_000, 4, small=True) == [(0, 50_000)]  # long inner dim
+    blocks = column_blocks(10, 16, 50_000, 4, small=True)
+    assert blocks[0][0] == 0 and blocks[-1][1] == 50_000 and len(blocks) > 1
+    assert all(a == b for (_, a), (b, _) in zip(blocks, blocks[1:], strict=False))  # contiguous
+    assert all((b - a) * 10 * 16 <= SMALL_GEMM_MNK and (b - a) % 16 == 0 for a, b in blocks[:-1])
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_convpool_matches_naive_with_and_without_column_blocks(small, monkeypatch):
+    """conv1-shaped block (short inner dimension) over enough images for several column blocks:
+    the same numbers as naive whether or not the BLAS takes the blocked path."""
+    from distcnn import convpool
+
+    monkeypatch.setattr(convpool, "_small_kernels", [small])
+    rng = np.random.default_rng(8)
+    block = ConvPool((1, 28, 28), 16, True, np.float64)
+    params = {k: rng.standard_normal(s) for k, s in block.param_shapes().items()}
+    grads = {k: np.full(s, np.nan) for k, s in block.param_shapes().items()}
+    block.bind(params, grads)
+    x = rng.standard_normal((12, 1, 28, 28))  # 4P = 9,408 columns: 2 blocks of <= 6,240
+    assert len(convpool.column_blocks(10, 16, 12 * 784, 8)) == (2 if small else 1)
+    y = block.forward(x)
+    c_ref = naive.conv2d_forward_naive(x, params["weight"], params["bias"], (1, 1), (1, 1))
+    p_ref = naive.maxpool_forward_naive(c_ref, (2, 2), (2, 2))
+    np.testing.assert_allclose(y, naive.relu_forward_naive(p_ref), **TOL[np.float64])
+    dy = rng.standard_normal(y.shape)
+    block.backward(dy.copy(), need_dx=False)
+    dc = naive.maxpool_backward_naive(c_ref, (2, 2), (2, 2), naive.relu_backward_naive(p_ref, dy))
+    _, dw_ref, db_ref = naive.conv2d_backward_naive(x, params["weight"], (1, 1), (1, 1), dc)
+    np.testing.assert_allclose(grads["weight"], dw_ref, **TOL[np.float64])
+    np.testing.assert_allclose(grads["bias"], db_ref, **TOL[np.float64])
+
+
 def test_reference_model_layers_are_convpool_blocks():
     model = Model(REFERENCE_SPEC, (1, 28, 28), 10)
     kinds = [(type(layer).__name__, layer.name) for layer in model.layers]

@@ -260,6 +260,7 @@ def test_model_names_buffers_and_init():
     np.testing.assert_array_equal(model.param_views["bn2.weight"], 1)
     np.testing.assert_array_equal(model.buffers["bn3.running_var"], 1)
     assert model.sub_batch(1000) == 1000  # batch statistics: one pass
+    assert model.sub_batch(100000, train=False) < 100000  # evaluation: passes
 
 
 @pytest.mark.parametrize("spec", ["dropout,dense", "dropout:1.0,dense", "dropout:x,dense",
@@ -269,3 +270,12 @@ def test_bad_new_layer_specs_are_refused(spec):
 
     with pytest.raises(UsageError):
         Model("flatten," + spec if spec.startswith("gap") else spec, (1, 4, 4), 2)
+
+
+def test_bench_tracks_the_documented_stronger_model():
+    from distcnn import bench
+    from distcnn.model import STRONG_SPEC
+
+    assert bench.MODELS["strong"][1] == STRONG_SPEC
+    assert [type(layer).__name__ for layer in Model(STRONG_SPEC, (1, 28, 28), 10).layers][:3] == [
+        "ConvPool", "BatchNorm", "ConvPool"]  # fmt: skip

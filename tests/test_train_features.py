@@ -72,3 +72,95 @@ def test_deterministic_bn_dropout_adam_bitwise_on_1_2_4_ranks(
         assert_bitwise(
             tmp_path / "1" / "ckpt-00000004.h5", tmp_path / str(ranks) / "ckpt-00000004.h5"
         )
+
+
+def test_accumulation_equals_one_k_times_larger_batch(tiny_data: Path, tmp_path: Path) -> None:
+    """--batch-size 8 --accum-steps 4 takes the steps of --batch-size 32 (allclose: the sums
+    are grouped differently), including the epoch's short last step (100 = 3 x 32 + 4)."""
+    spec = "conv:4:3,relu,maxpool:2,dropout:0.25,flatten,dense:8,relu,dense"  # no bn: exact math
+    args = ["--model", spec, "--seed", "5", "--lr", "0.05", "--no-progress", "--data",
+            str(tiny_data), "--epochs", "1"]  # fmt: skip
+    train(
+        [*args, "--batch-size", "8", "--accum-steps", "4", "--checkpoint-dir", str(tmp_path / "a")]
+    )
+    train([*args, "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "b")])
+    a, b = (
+        ckpt.load(tmp_path / "a" / "ckpt-00000004.h5"),
+        ckpt.load(tmp_path / "b" / "ckpt-00000004.h5"),
+    )
+    for k in a.params:
+        np.testing.assert_allclose(a.params[k], b.params[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(a.velocity[k], b.velocity[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.mpi
+def test_accumulation_and_dropout_deterministic_bitwise_on_1_2_4_ranks(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    args = [*BASE, "--data", str(tiny_data), "--epochs", "1", "--deterministic",
+            "--batch-size", "8", "--accum-steps", "3"]  # fmt: skip
+    for ranks in (1, 2, 4):
+        train([*args, "--checkpoint-dir", str(tmp_path / str(ranks))], ranks)
+    last = "ckpt-00000005.h5"  # 100 = 4 x 24 + 4: a short last step of one short micro-batch
+    for ranks in (2, 4):
+        assert_bitwise(tmp_path / "1" / last, tmp_path / str(ranks) / last)
+
+
+@pytest.mark.mpi
+def test_sync_bn_on_2_ranks_matches_one_rank(tiny_data: Path, tmp_path: Path) -> None:
+    """With --sync-bn every rank normalises with the global batch's statistics, so 2 ranks
+    follow the 1-rank run (allclose); without it each rank uses its shard's (they differ)."""
+    args = [*BASE, "--data", str(tiny_data), "--max-steps", "4", "--optimizer", "sgd"]
+    train([*args, "--checkpoint-dir", str(tmp_path / "one")])
+    train([*args, "--sync-bn", "--checkpoint-dir", str(tmp_path / "sync")], 2)
+    train([*args, "--checkpoint-dir", str(tmp_path / "local")], 2)
+    one, sync, local = (state(tmp_path / d / "ckpt-00000004.h5") for d in ("one", "sync", "local"))
+    for k in one:
+        np.testing.assert_allclose(sync[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert not all(np.allclose(local[k], one[k], rtol=1e-4, atol=1e-5) for k in one)
+
+
+@pytest.mark.mpi
+def test_16_bit_allreduce_stays_close_to_float32(tiny_data: Path, tmp_path: Path) -> None:
+    args = [*BASE, "--data", str(tiny_data), "--max-steps", "4", "--optimizer", "sgd"]
+    runs = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        d = tmp_path / dtype
+        train([*args, "--allreduce-dtype", dtype, "--checkpoint-dir", str(d)], 2)
+        runs[dtype] = state(d / "ckpt-00000004.h5")
+    for dtype, tol in (("float16", 2e-3), ("bfloat16", 2e-2)):
+        for k in runs["float32"]:
+            np.testing.assert_allclose(runs[dtype][k], runs["float32"][k], rtol=tol, atol=tol,
+                                       err_msg=f"{dtype} {k}")  # fmt: skip
+    assert ckpt.load(tmp_path / "float16" / "ckpt-00000004.h5").extra["allreduce_scale"] > 1
+
+
+@pytest.mark.mpi
+def test_resume_is_exact_with_sync_bn_accumulation_and_float16(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    args = [*BASE, "--data", str(tiny_data), "--epochs", "2", "--sync-bn", "--batch-size", "8",
+            "--accum-steps", "2", "--allreduce-dtype", "float16"]  # fmt: skip
+    train([*args, "--checkpoint-dir", str(tmp_path / "whole")], 2)
+    train([*args, "--checkpoint-dir", str(tmp_path / "cut"), "--max-steps", "9"], 2)
+    train([*args, "--checkpoint-dir", str(tmp_path / "cut"), "--resume", "auto"], 2)
+    last = "ckpt-00000014.h5"  # 7 steps per epoch (100 = 6 x 16 + 4)
+    assert_bitwise(tmp_path / "whole" / last, tmp_path / "cut" / last)
+
+
+@pytest.mark.mpi
+def test_sync_bn_deterministic_bitwise_on_1_2_4_ranks(tiny_data: Path, tmp_path: Path) -> None:
+    """The micro-shards run as lanes whose batch norms share the global batch's statistics:
+    the same bits on 1, 2 and 4 ranks, and close to the plain 1-rank run (whole-batch stats;
+    SGD, since Adam magnifies the rounding noise in the zero gradients of biases before a bn)."""
+    args = [*BASE, "--data", str(tiny_data), "--max-steps", "3", "--optimizer", "sgd"]
+    for ranks in (1, 2, 4):
+        d = tmp_path / str(ranks)
+        train([*args, "--sync-bn", "--deterministic", "--checkpoint-dir", str(d)], ranks)
+    last = "ckpt-00000003.h5"
+    for ranks in (2, 4):
+        assert_bitwise(tmp_path / "1" / last, tmp_path / str(ranks) / last)
+    train([*args, "--checkpoint-dir", str(tmp_path / "plain")])
+    det, plain = state(tmp_path / "1" / last), state(tmp_path / "plain" / last)
+    for k in det:
+        np.testing.assert_allclose(det[k], plain[k], rtol=1e-4, atol=1e-5, err_msg=k)
