@@ -31,6 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from distcnn import augment_spec
 from distcnn.errors import ArgumentParser, UsageError
 
 SCHEDULES = ("constant", "cosine", "step")
@@ -60,6 +61,10 @@ class Setting:
 def setting(default: Any, help: str, **kw: Any) -> Any:
     """A Config field with its schema entry."""
     return dataclasses.field(default=default, metadata={"setting": Setting(help, **kw)})
+
+
+def _augment_rule(v: str) -> str | None:
+    return augment_spec.problem(v)
 
 
 def parse_betas(text: str) -> tuple[float, float]:
@@ -187,6 +192,13 @@ class Config:
     )
     val_fraction: float = setting(
         0.0, "carve a validation set from train", min=0.0, below=1.0, metavar="F"
+    )
+    augment: str | None = setting(
+        None,
+        "augment each training sample from (seed, epoch, sample): shift:P (up to P pixels) "
+        "and/or flip, comma-separated (default off)",
+        metavar="SPEC",
+        check=_augment_rule,
     )
     clip_norm: float | None = setting(
         None, "clip the global gradient norm to C", min=0.0, metavar="C", check=_clip_norm_rule

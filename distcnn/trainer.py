@@ -23,6 +23,7 @@ import numpy as np
 from distcnn import checkpoint as ckpt
 from distcnn import data as datamod
 from distcnn import signals
+from distcnn.augment import Augment
 from distcnn.comm import Comm
 from distcnn.compress import CompressedAllreduce
 from distcnn.config import Config, parse_betas
@@ -128,6 +129,9 @@ class Trainer:
                     f"--data {data_path}: the {name} split's images are {split.image_shape} but "
                     f"train's are {self.train.image_shape}; rebuild the file with one image shape"
                 )
+        # --augment: the training split's batches only, keyed by (seed, epoch, sample row)
+        augment = Augment(cfg.augment, cfg.seed, self.train.image_shape)
+        self.train.augment = augment if augment else None
         if cfg.batch_size < comm.size:
             raise UsageError(
                 f"--batch-size {cfg.batch_size} is smaller than the {comm.size} ranks; "
@@ -419,7 +423,7 @@ class Trainer:
         else:
             for k, mb in enumerate(micro):
                 lo, hi = shard_bounds(len(mb), comm.size, comm.rank)
-                x = self.train.batch(mb[lo:hi], out=self.xbuf)
+                x = self.train.batch(mb[lo:hi], out=self.xbuf, epoch=self.state.epoch)
                 labels = self.train.labels[mb[lo:hi]]
                 loss, correct = model.loss_and_grad(x, labels, 1.0 / n, self._pass(mb[lo:hi]))
                 red[P], red[P + 1] = loss, correct
@@ -491,7 +495,8 @@ class Trainer:
 
         def work(j: int) -> Any:
             lo, hi = shard_bounds(len(mb), DET_SHARDS, self.comm.rank * per_rank + j)
-            x = self.train.batch(mb[lo:hi], out=self.lane_x[j])  # here, not in the lane
+            # here, not in the lane
+            x = self.train.batch(mb[lo:hi], out=self.lane_x[j], epoch=self.state.epoch)
             labels, ctx = self.train.labels[mb[lo:hi]], self._pass(mb[lo:hi])
 
             def run() -> None:
@@ -550,7 +555,7 @@ class Trainer:
                 continue
             for j, m in enumerate(range(comm.rank * per_rank, (comm.rank + 1) * per_rank)):
                 lo, hi = shard_bounds(len(mb), DET_SHARDS, m)
-                x = self.train.batch(mb[lo:hi], out=self.xbuf)
+                x = self.train.batch(mb[lo:hi], out=self.xbuf, epoch=self.state.epoch)
                 loss, correct = self.model.loss_and_grad(
                     x, self.train.labels[mb[lo:hi]], 1.0 / n, self._pass(mb[lo:hi])
                 )

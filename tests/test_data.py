@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import sys
 import tracemalloc
 import types
@@ -160,6 +161,7 @@ def test_npz_round_trip(tmp_path, capsys, shape, dtype):
     np.savez(tmp_path / "train.npz", images=stored, labels=y.astype(np.int32))
     out = tmp_path / "d.h5"
     argv = ["build", "-o", out, "--train", tmp_path / "train.npz", "--num-classes", "7"]
+    argv += ["--layout", "nchw"]  # (N, 3, 4, 4) and (N, 2, 3, 3) read either way
     assert run(capsys, argv + ["--source", "synthetic", "--license", "CC0"])[0] == 0
     split = load_split(out, "train")
     np.testing.assert_array_equal(split.images, x)
@@ -178,7 +180,7 @@ def test_normalize_stores_train_channel_stats(tmp_path, capsys, dtype):
     np.savez(tmp_path / "val.npz", images=x[:5] // 2 if dtype == np.uint8 else x[:5], labels=y[:5])
     out = tmp_path / "d.h5"
     argv = ["build", "-o", out, "--train", tmp_path / "train.npz", "--normalize"]
-    assert run(capsys, argv + ["--val", tmp_path / "val.npz"])[0] == 0
+    assert run(capsys, argv + ["--val", tmp_path / "val.npz", "--layout", "nchw"])[0] == 0
     x64 = x.astype(np.float64) / (255.0 if dtype == np.uint8 else 1.0)
     split = load_split(out, "val")
     assert split.mean.shape == (3,) and split.mean.dtype == np.float32
@@ -190,7 +192,8 @@ def test_info_prints_splits_counts_and_attrs(tmp_path, capsys):
     x, y = synthetic(12, (1, 4, 4), classes=3)
     np.savez(tmp_path / "t.npz", images=x, labels=y)
     out = tmp_path / "d.h5"
-    run(capsys, ["build", "-o", out, "--train", tmp_path / "t.npz", "--license", "MIT"])
+    argv = ["build", "-o", out, "--train", tmp_path / "t.npz", "--license", "MIT"]
+    run(capsys, [*argv, "--layout", "nchw"])
     code, stdout, _ = run(capsys, ["info", out])
     assert code == 0
     assert "3 classes" in stdout and "train" in stdout and "(1, 4, 4)" in stdout
@@ -321,7 +324,7 @@ def test_build_label_beyond_num_classes(tmp_path, capsys):
     src = _npz(tmp_path, images=x, labels=y)
     assert_usage_error(
         capsys,
-        ["build", "-o", tmp_path / "d.h5", "--train", src, "--num-classes", "3"],
+        ["build", "-o", tmp_path / "d.h5", "--train", src, "--num-classes", "3", "--layout=nchw"],
         "must be in [0, 3); found 5 at index 4",
         "--num-classes",
     )
@@ -340,8 +343,8 @@ def test_build_non_integer_label(tmp_path, capsys):
 @pytest.mark.parametrize(
     "images,labels,fragment",
     [
-        (np.zeros((4, 9), np.uint8), np.zeros(4, np.int64), "must be (N, H, W) or (N, C, H, W)"),
-        (np.zeros((4, 1, 2, 2, 2), np.uint8), np.zeros(4, np.int64), "(N, H, W) or (N, C, H, W)"),
+        (np.zeros((4, 9), np.uint8), np.zeros(4, np.int64), "must be (N, H, W), (N, C, H, W) or"),
+        (np.zeros((4, 1, 2, 2, 2), np.uint8), np.zeros(4, np.int64), "or (N, H, W, C)"),
         (np.zeros((4, 3, 3), np.uint8), np.zeros((4, 1), np.int64), "must be 1-D (N,)"),
         (np.zeros((4, 3, 3), np.uint8), np.zeros(3, np.int64), "4 images but labels"),
         (np.zeros((0, 3, 3), np.uint8), np.zeros(0, np.int64), "is empty (N = 0)"),
@@ -363,7 +366,7 @@ def test_build_non_finite_pixels(tmp_path, capsys, bad):
     src = _npz(tmp_path, images=x, labels=y)
     assert_usage_error(
         capsys,
-        ["build", "-o", tmp_path / "d.h5", "--train", src],
+        ["build", "-o", tmp_path / "d.h5", "--train", src, "--layout", "nchw"],
         f"non-finite pixel ({bad}) in image 2",
     )
 
@@ -372,7 +375,10 @@ def test_build_float64_overflowing_float32(tmp_path, capsys):
     x, y = synthetic(5, (1, 3, 3), dtype=np.float32)
     src = _npz(tmp_path, images=x.astype(np.float64) * 1e300, labels=y)
     assert_usage_error(
-        capsys, ["build", "-o", tmp_path / "d.h5", "--train", src], "non-finite pixel", "as float32"
+        capsys,
+        ["build", "-o", tmp_path / "d.h5", "--train", src, "--layout", "nchw"],
+        "non-finite pixel",
+        "as float32",
     )
 
 
@@ -444,9 +450,9 @@ def test_build_missing_and_unknown_sources(tmp_path, capsys):
         ["build", "-o", out, "--train", f"{images},{tmp_path / 'lab'}"],
         "lab does not exist",
     )
-    (tmp_path / "x.bin").write_bytes(b"hello world")
+    (tmp_path / "x.dat").write_bytes(b"hello world")
     assert_usage_error(
-        capsys, ["build", "-o", out, "--train", tmp_path / "x.bin"], "cannot tell the format"
+        capsys, ["build", "-o", out, "--train", tmp_path / "x.dat"], "cannot tell the format"
     )
     (tmp_path / "x.npz").write_bytes(b"not a zip")
     assert_usage_error(
@@ -489,7 +495,7 @@ def test_build_splits_with_different_shapes(tmp_path, capsys):
     b = _npz(tmp_path, "b.npz", images=synthetic(4, (1, 4, 4))[0], labels=np.arange(4) % 2)
     assert_usage_error(
         capsys,
-        ["build", "-o", tmp_path / "d.h5", "--train", a, "--test", b],
+        ["build", "-o", tmp_path / "d.h5", "--train", a, "--test", b, "--layout", "nchw"],
         "different image shapes",
     )
 
@@ -650,40 +656,64 @@ def test_info_checkpoint_fallback_without_module(tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_shipped_mnist():
+# The published label counts of MNIST (training set, then t10k).
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_shipped_mnist_is_the_full_set_with_its_credit():
     assert DEFAULT_DATASET == Path(__file__).resolve().parent.parent / "data" / "mnist.h5"
-    train = load_split(DEFAULT_DATASET, "train")
-    assert len(train) == 5000 and train.image_shape == (1, 28, 28)
-    assert train.images.dtype == np.uint8 and train.num_classes == 10
-    np.testing.assert_array_equal(np.bincount(train.labels, minlength=10), [500] * 10)
-    np.testing.assert_allclose(train.mean, [train.images.mean() / 255], rtol=1e-5)
-    np.testing.assert_allclose(train.std, [(train.images / 255).std()], rtol=1e-5)
-    test = load_split(DEFAULT_DATASET, "test")
-    assert len(test) == 10000 and test.image_shape == (1, 28, 28)
-    assert np.bincount(test.labels, minlength=10).sum() == 10000
-    batch = train.batch(np.arange(64))
-    assert abs(float(batch.mean())) < 0.5 and 0.5 < float(batch.std()) < 1.5  # normalised
+    summary = data.dataset_summary(DEFAULT_DATASET)
+    assert summary["num_classes"] == 10 and list(summary["splits"]) == ["train", "test"]
+    train, test = summary["splits"]["train"], summary["splits"]["test"]
+    assert train["n"] == 60_000 and test["n"] == 10_000
+    assert train["image_shape"] == test["image_shape"] == (1, 28, 28)
+    assert train["dtype"] == test["dtype"] == "uint8"
+    assert train["class_counts"] == MNIST_TRAIN_COUNTS
+    assert test["class_counts"] == MNIST_TEST_COUNTS
+    attrs = summary["attrs"]
+    assert "Yann LeCun and Corinna Cortes" in attrs["source"]
+    assert "CC BY-SA 3.0" in attrs["license"]
+    np.testing.assert_allclose(attrs["mean"], [0.1307], atol=1e-4)  # the well-known statistics
+    np.testing.assert_allclose(attrs["std"], [0.3081], atol=1e-4)
+    assert DEFAULT_DATASET.stat().st_size < 15_000_000
+
+
+def test_shipped_mnist_records_no_folder():
+    """Provenance names files, never a directory of the machine it was built on."""
     attrs = data.dataset_summary(DEFAULT_DATASET)["attrs"]
-    assert "LeCun" in attrs["source"] and "CC BY-SA 3.0" in attrs["license"]
-    assert DEFAULT_DATASET.stat().st_size < 4_000_000
+    for key in ("created_by", "source", "license"):  # no word starts a path (URLs are fine)
+        assert not re.search(r"(?:^|[\s'\"=,])(?:/|~|\.\.|[A-Za-z]:\\)", attrs[key]), key
+    words = attrs["created_by"].split()
+    assert words[:4] == ["distcnn.data", "build", "-o", "mnist.h5"]
+    sources = [words[words.index(flag) + 1] for flag in ("--train", "--test")]
+    assert sources == [
+        "train-images-idx3-ubyte.gz,train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz,t10k-labels-idx1-ubyte.gz",
+    ]
 
 
-# the folder holding the MNIST source files data/mnist.h5 was built from (mnist_5k.csv.gz and the
-# t10k IDX files); the comparison runs only where it is given
-SHARED_MNIST = Path(os.environ.get("DISTCNN_MNIST_SOURCES") or "/nonexistent")
+# The MNIST distribution's IDX files, if the environment says where they are.
+MNIST_DIR = os.environ.get("DISTCNN_MNIST_DIR", "")
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 @pytest.mark.skipif(
-    not SHARED_MNIST.is_dir(),
-    reason="DISTCNN_MNIST_SOURCES does not name the folder of the MNIST source files",
+    not (MNIST_DIR and all((Path(MNIST_DIR) / f).is_file() for f in MNIST_FILES)),
+    reason="set DISTCNN_MNIST_DIR to a folder holding the four MNIST IDX .gz files to compare "
+    "data/mnist.h5 with them",
 )
-def test_shipped_mnist_equals_its_sources():
-    """data/mnist.h5 holds exactly the pixels and labels of the source files, in order."""
-    images, labels = data.read_csv(SHARED_MNIST / "mnist_5k.csv.gz")
-    train = load_split(DEFAULT_DATASET, "train")
-    np.testing.assert_array_equal(train.images, images)
-    np.testing.assert_array_equal(train.labels, labels)
-    test = load_split(DEFAULT_DATASET, "test")
-    test_images = read_idx(SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
-    np.testing.assert_array_equal(test.images[:, 0], test_images)
-    np.testing.assert_array_equal(test.labels, read_idx(SHARED_MNIST / "t10k-labels-idx1-ubyte.gz"))
+def test_shipped_mnist_equals_the_idx_files_pixel_for_pixel():
+    """data/mnist.h5 holds exactly the pixels and labels of the IDX files, in their order."""
+    src = Path(MNIST_DIR)
+    with h5py.File(DEFAULT_DATASET, "r") as f:
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            images = read_idx(src / f"{prefix}-images-idx3-ubyte.gz")  # (N, 28, 28) uint8
+            labels = read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")  # (N,) uint8
+            np.testing.assert_array_equal(f[split]["images"][:, 0], images)
+            np.testing.assert_array_equal(f[split]["labels"][()], labels)

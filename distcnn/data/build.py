@@ -21,7 +21,7 @@ from distcnn.data.checks import (
 )
 from distcnn.errors import UsageError
 
-# The on-disk layouts `build --layout` offers (docs/data.md has the read-throughput figures).
+# The on-disk layouts `build --storage` offers (docs/data.md has the read-throughput figures).
 LAYOUTS = ("sample", "compact")
 
 
@@ -53,7 +53,7 @@ def write_dataset(
     contiguous in "sample", gzip in "compact".
     """
     if layout not in LAYOUTS:
-        raise UsageError(f"--layout {layout} is unknown; use one of {', '.join(LAYOUTS)}")
+        raise UsageError(f"--storage {layout} is unknown; use one of {', '.join(LAYOUTS)}")
     path = Path(path)
     num_classes = _check_num_classes(num_classes, "num_classes", "pass --num-classes K (K >= 2)")
     if "train" not in splits:

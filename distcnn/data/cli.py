@@ -10,18 +10,21 @@ prints it as `error: <message>` and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
-from distcnn.data.build import LAYOUTS, channel_stats, write_dataset
+from distcnn.data.build import LAYOUTS as STORAGE_LAYOUTS
+from distcnn.data.build import channel_stats, write_dataset
 from distcnn.data.checks import SPLITS, _check_label_range, _check_num_classes, _check_shapes
 from distcnn.data.dataset import dataset_summary, load_split
 from distcnn.data.fingerprints import describe, fingerprint
-from distcnn.data.readers import read_source
+from distcnn.data.readers import LAYOUTS, describe_source, read_source, source_files
 from distcnn.data.summary import _format_checkpoint, _format_dataset, _is_checkpoint
 from distcnn.errors import ArgumentParser, UsageError
 
@@ -47,10 +50,13 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{build,info}")
     build = sub.add_parser(
         "build",
-        help="build an HDF5 dataset from CSV, .npz or IDX files",
+        help="build an HDF5 dataset from CSV, .npz, CIFAR-10 .bin or IDX files",
         description="SRC is a .csv/.csv.gz file (pixels then the label in the last column, "
-        "optional header), a .npz with `images` and `labels`, or IDX files given as "
-        "IMAGES,LABELS (.gz or raw).",
+        "optional header); a .npz with `images` and `labels` (or FILE.npz:IMAGES,LABELS to name "
+        "other arrays); CIFAR-10 binary batches (.bin files, comma-separated, or a quoted glob "
+        "such as 'cifar-10-batches-bin/data_batch_*.bin'); or IDX files given as IMAGES,LABELS "
+        "(.gz or raw). An existing OUT is replaced only if this command wrote it (or with "
+        "--force), and never when it is one of the sources.",
     )
     build.add_argument("-o", "--output", required=True, help="output .h5 file")
     build.add_argument("--train", required=True, metavar="SRC", help="training split source")
@@ -59,16 +65,28 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--num-classes", type=int, metavar="K", help="default: max label + 1")
     build.add_argument("--shape", metavar="C,H,W", help="image shape of CSV rows")
     build.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        help="how 4-D .npz images are stored: nchw (N, C, H, W) or nhwc (N, H, W, C, as Keras); "
+        "default: the file's `layout` array, else the shape if only one reading fits",
+    )
+    build.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT even if it is not a dataset written by distcnn.data build",
+    )
+    build.add_argument(
         "--normalize",
         action="store_true",
         help="store per-channel mean/std of the train split (uint8 scaled to [0,1])",
     )
     build.add_argument(
-        "--layout",
+        "--storage",
         default="sample",
-        choices=LAYOUTS,
-        help="sample (default): images contiguous, uncompressed: fast random sample reads, for "
-        "--data-mode stream; compact: gzip in ~1 MiB chunks, smaller, slow to read at random",
+        choices=STORAGE_LAYOUTS,
+        help="how the file stores images: sample (default): contiguous, uncompressed: fast "
+        "random sample reads, for --data-mode stream; compact: gzip in ~1 MiB chunks, "
+        "smaller, slow to read at random",
     )
     build.add_argument("--source", default="", help="where the data comes from (stored)")
     build.add_argument("--license", default="", help="license of the data (stored)")
@@ -98,13 +116,68 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_build(args: argparse.Namespace, argv: list[str]) -> int:
+def _written_by_build(path: Path) -> bool:
+    """True for an HDF5 dataset whose created_by says distcnn.data build wrote it."""
+    try:
+        if not h5py.is_hdf5(path):
+            return False
+        with h5py.File(path, "r") as f:
+            made = f.attrs.get("created_by", "")
+    except OSError:
+        return False
+    if isinstance(made, bytes):
+        made = made.decode("utf-8", "replace")
+    return isinstance(made, str) and made.startswith("distcnn.data build ")
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse, before reading anything, an output that is a source or that build did not write."""
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise UsageError(f"output directory {out.parent} does not exist: create it first")
+    if not out.exists():
+        return
+    if out.is_dir():
+        raise UsageError(f"output {out} is a directory: give a file name such as {out}/data.h5")
+    for name in SPLITS:
+        spec = getattr(args, name)
+        for src in source_files(spec) if spec is not None else []:
+            if src.exists() and os.path.samefile(src, out):
+                raise UsageError(
+                    f"-o {out} is also the --{name} source: write the dataset to another file"
+                )
+    if not args.force and not _written_by_build(out):
+        raise UsageError(
+            f"-o {out} exists and is not a dataset written by python -m distcnn.data build: "
+            "choose another file, or pass --force to replace it"
+        )
+
+
+def _created_by(args: argparse.Namespace) -> str:
+    """The build command as stored in the file: options and file names, never a folder."""
+    words = ["distcnn.data", "build", "-o", Path(args.output).name]
+    for name in SPLITS:
+        if getattr(args, name) is not None:
+            words += [f"--{name}", describe_source(getattr(args, name))]
+    for flag in ("num_classes", "shape", "layout", "storage", "source", "license"):
+        value = getattr(args, flag)
+        if value not in (None, ""):
+            words += ["--" + flag.replace("_", "-"), str(value)]
+    if args.normalize:
+        words.append("--normalize")
+    return shlex.join(words)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
     shape = _parse_shape(args.shape) if args.shape is not None else None
+    _check_output(args)
+    replacing = Path(args.output).exists()
     splits = {}
+    notes: list[str] = []
     for name in SPLITS:
         spec = getattr(args, name)
         if spec is not None:
-            images, labels = read_source(spec, shape)
+            images, labels = read_source(spec, shape, args.layout, notes)
             _check_shapes(images.shape, labels.shape, f"--{name} {spec}", f"labels of {spec}")
             splits[name] = (images, labels)
     if args.num_classes is not None:
@@ -125,7 +198,7 @@ def _cmd_build(args: argparse.Namespace, argv: list[str]) -> int:
     attrs: dict[str, Any] = {
         "source": args.source,
         "license": args.license,
-        "created_by": "distcnn.data build " + shlex.join(argv),
+        "created_by": _created_by(args),
     }
     if args.normalize:
         mean, std = channel_stats(splits["train"][0])
@@ -134,10 +207,13 @@ def _cmd_build(args: argparse.Namespace, argv: list[str]) -> int:
                 f"the train images have a constant channel (std {std.tolist()}): drop --normalize"
             )
         attrs["mean"], attrs["std"] = mean, std
-    write_dataset(args.output, splits, num_classes, attrs, layout=args.layout)
+    write_dataset(args.output, splits, num_classes, attrs, layout=args.storage)
     parts = [f"{n} {len(lab)} x {im.shape[1:]} {im.dtype}" for n, (im, lab) in splits.items()]
     size = Path(args.output).stat().st_size
-    print(f"wrote {args.output} ({size / 1e6:.2f} MB): {', '.join(parts)}; {num_classes} classes")
+    for note in notes:
+        print(note)
+    verb = "replaced" if replacing else "wrote"
+    print(f"{verb} {args.output} ({size / 1e6:.2f} MB): {', '.join(parts)}; {num_classes} classes")
     if args.normalize:
         fmt = ", ".join(
             f"{m:.4f}/{d:.4f}" for m, d in zip(attrs["mean"], attrs["std"], strict=True)
@@ -152,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _build_parser().parse_args(argv)
         if args.command == "build":
-            return _cmd_build(args, argv[1:])
+            return _cmd_build(args)
         return _cmd_info(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

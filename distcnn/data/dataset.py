@@ -35,8 +35,19 @@ from distcnn.data.checks import (
 from distcnn.data.split import Split
 from distcnn.errors import UsageError
 
-# The shipped default dataset (`--data` default); resolved next to the package in a source checkout.
-DEFAULT_DATASET = Path(__file__).resolve().parent.parent.parent / "data" / "mnist.h5"
+# The shipped default dataset (`--data` default): full MNIST. A non-editable install carries it
+# as package data (distcnn/_shipped/mnist.h5, see pyproject.toml); a source checkout or an
+# editable install has it in the repository's data/ folder.
+_INSTALLED_DATASET = Path(__file__).resolve().parent.parent / "_shipped" / "mnist.h5"
+_CHECKOUT_DATASET = Path(__file__).resolve().parent.parent.parent / "data" / "mnist.h5"
+
+
+def default_dataset() -> Path:
+    """The shipped MNIST file of this installation (the checkout's path if neither exists)."""
+    return _INSTALLED_DATASET if _INSTALLED_DATASET.is_file() else _CHECKOUT_DATASET
+
+
+DEFAULT_DATASET = default_dataset()
 
 
 _WHAT = "dataset file"
@@ -47,6 +58,12 @@ _DAMAGED = "rebuild it with python -m distcnn.data build"
 def _open_h5(path: str | os.PathLike) -> h5py.File:
     """Open an existing HDF5 file read-only through distcnn.safefile (special files, data
     outside the file and HDF5 errors refused with one line), or raise UsageError."""
+    p = Path(path)
+    if not p.exists() and p in (_INSTALLED_DATASET, _CHECKOUT_DATASET):
+        raise UsageError(
+            "the default dataset mnist.h5 is missing from this distcnn installation: reinstall "
+            "from a checkout that has data/mnist.h5 (pip install .), or pass --data FILE.h5"
+        )
     return safefile.open_h5(path, _WHAT, _FIX, _DAMAGED)
 
 
@@ -225,7 +242,7 @@ def layout_text(images: h5py.Dataset) -> str:
         text += f" ({info['chunk_rows']} images per chunk)"
     text += ", " + ("+".join(info["filters"]) if info["filters"] else "uncompressed")
     if info["kind"] != "contiguous":
-        text += "; random sample reads are slow (rebuild with --layout sample to stream it)"
+        text += "; random sample reads are slow (rebuild with --storage sample to stream it)"
     return text
 
 

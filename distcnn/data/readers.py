@@ -1,12 +1,18 @@
-"""Readers of source files for `build`: IDX (MNIST), CSV and .npz.
+"""Readers of source files for `build`: IDX (MNIST), CSV, .npz and CIFAR-10 binary batches.
 
 Each returns images (N, C, H, W) uint8 or float32 and labels (N,) int64, or raises UsageError.
+
+A 4-D .npz array is (N, C, H, W) or (N, H, W, C) (Keras's layout); the layout comes from
+`--layout nchw|nhwc`, else from a `layout` array in the file, else from the shape when only one
+end has room for a channel axis (at most 4 channels): (N, 32, 32, 3) is NHWC, (N, 3, 32, 32) NCHW;
+a shape like (N, 3, 4, 4), readable either way, is refused with the fix.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 import zlib
 from pathlib import Path
@@ -14,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from distcnn import safefile
+from distcnn.data import cifar
 from distcnn.data.checks import _check_finite, _labels_as_int64
 from distcnn.errors import UsageError
 
@@ -26,6 +33,8 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
+LAYOUTS = ("nchw", "nhwc")
+MAX_CHANNELS = 4  # a wider axis is not taken for channels when the layout is inferred
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -192,23 +201,75 @@ def read_csv(
     return images.reshape(-1, c, h, w), labels
 
 
-def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NumPy .npz with keys `images` ((N, H, W) or (N, C, H, W)) and `labels` ((N,)).
+def to_nchw(
+    images: np.ndarray, name: str, layout: str | None = None, notes: list[str] | None = None
+) -> np.ndarray:
+    """(N, H, W) -> (N, 1, H, W); 4-D images in `layout` ('nchw' or 'nhwc'; None: inferred
+    from the shape when only one reading has at most MAX_CHANNELS channels) -> (N, C, H, W).
 
-    Returns images (N, C, H, W) as uint8 (integer pixels in 0..255) or float32, labels (N,) int64.
+    How a 4-D array was read is appended to `notes` (one line).
+    """
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim != 4:
+        raise UsageError(
+            f"{name} has shape {images.shape}; images must be (N, H, W), (N, C, H, W) or "
+            "(N, H, W, C)"
+        )
+    how = "given"
+    if layout is None:
+        nchw, nhwc = images.shape[1] <= MAX_CHANNELS, images.shape[3] <= MAX_CHANNELS
+        if nchw == nhwc:
+            raise UsageError(
+                f"{name} has shape {images.shape}, which reads as (N, C, H, W) or as "
+                "(N, H, W, C): pass --layout nchw or --layout nhwc"
+            )
+        layout, how = ("nchw" if nchw else "nhwc"), "from the shape"
+    if layout == "nhwc":
+        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    if notes is not None:
+        notes.append(f"{name}: read as {layout.upper()} ({how}), images {images.shape[1:]}")
+    return images
+
+
+def _npz_layout(value: np.ndarray, path: Path) -> str:
+    """The `layout` array stored in an .npz: 'nchw' or 'nhwc'."""
+    text = str(value.item()).lower() if value.shape == () and value.dtype.kind == "U" else ""
+    if text not in LAYOUTS:
+        raise UsageError(
+            f"the array layout in {path} is {value!r}; it must be the text 'nchw' or 'nhwc' "
+            "(or drop it and pass --layout)"
+        )
+    return text
+
+
+def read_npz(
+    path: str | os.PathLike,
+    layout: str | None = None,
+    keys: tuple[str, str] = ("images", "labels"),
+    notes: list[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NumPy .npz with arrays `images` ((N, H, W), (N, C, H, W) or (N, H, W, C)) and
+    `labels` ((N,)); `keys` names other arrays (e.g. Keras's x_train, y_train).
+
+    `layout` ('nchw'/'nhwc') says how 4-D images are stored; without it, a `layout` array in the
+    file says it, else the shape must (see to_nchw). Returns images (N, C, H, W) as uint8
+    (integer pixels in 0..255) or float32, labels (N,) int64. Never unpickles.
     """
     path = Path(path)
     safefile.npz_headers(path, "source file")  # sizes from the headers, before any allocation
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in ("images", "labels") if k not in npz.files]
+            missing = [k for k in keys if k not in npz.files]
             if missing:
                 raise UsageError(
                     f"{path} has no array {' or '.join(missing)} (it has: "
                     f"{', '.join(npz.files) or 'nothing'}): save it with "
-                    "np.savez(path, images=..., labels=...)"
+                    "np.savez(path, images=..., labels=...) or name its arrays as "
+                    f"{path.name}:IMAGES,LABELS"
                 )
-            images, labels = npz["images"], npz["labels"]
+            images, labels = npz[keys[0]], npz[keys[1]]
+            stored = _npz_layout(npz["layout"], path) if "layout" in npz.files else None
     except (
         OSError,
         ValueError,
@@ -218,12 +279,16 @@ def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         zlib.error,
     ) as exc:
         raise UsageError(f"cannot read {path} as .npz ({exc}): give a NumPy .npz file") from None
+    if stored is not None and layout is not None and stored != layout:
+        raise UsageError(
+            f"--layout {layout} contradicts the layout '{stored}' stored in {path}: "
+            "drop --layout or fix the file"
+        )
+    images_name = f"images in {path}" if keys[0] == "images" else f"{keys[0]} in {path}"
+    images = to_nchw(images, images_name, layout or stored, notes)
+    labels_name = f"labels in {path}" if keys[1] == "labels" else f"{keys[1]} in {path}"
     return _image_label_pair(
-        images,
-        labels,
-        f"images in {path}",
-        f"labels in {path}",
-        "store one integer class index per image",
+        images, labels, images_name, labels_name, "store one integer class index per image"
     )
 
 
@@ -248,15 +313,52 @@ def _read_idx_pair(images_path: str, labels_path: str) -> tuple[np.ndarray, np.n
     )
 
 
+def source_files(spec: str) -> list[Path]:
+    """The files a --train/--val/--test source names (patterns expanded; nothing is read)."""
+    keyed = _NPZ_KEYS.match(spec)
+    if keyed and not Path(spec).exists():
+        return [Path(keyed["path"])]
+    if cifar.is_cifar_source(spec) and not Path(spec).is_dir():
+        return cifar.expand(spec)
+    if "," in spec and not Path(spec).exists():
+        return [Path(p) for p in spec.split(",") if p]
+    return [Path(spec)]
+
+
+def describe_source(spec: str) -> str:
+    """The source as recorded in a dataset's created_by: file names only, never a folder."""
+    keyed = _NPZ_KEYS.match(spec)
+    if keyed and not Path(spec).exists():
+        return f"{Path(keyed['path']).name}:{keyed['images']},{keyed['labels']}"
+    if Path(spec).exists():
+        return Path(spec).name
+    return ",".join(Path(p).name for p in spec.split(","))
+
+
+_NPZ_KEYS = re.compile(r"^(?P<path>.+\.npz):(?P<images>[^,:]+),(?P<labels>[^,:]+)$", re.I)
+
+
 def read_source(
-    spec: str, shape: tuple[int, int, int] | None = None
+    spec: str,
+    shape: tuple[int, int, int] | None = None,
+    layout: str | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read a --train/--val/--test source: CSV, .npz, or IDX as `IMAGES,LABELS`.
+    """Read a --train/--val/--test source: CSV, .npz (`FILE.npz` or `FILE.npz:IMAGES,LABELS`),
+    CIFAR-10 batches (`.bin` files, comma-separated or a glob), or IDX as `IMAGES,LABELS`.
 
     Returns images (N, C, H, W) uint8 or float32 and labels (N,) int64. `shape` (C, H, W) lays out
-    CSV rows; for other sources it must equal the stored image shape.
+    CSV rows; for other sources it must equal the stored image shape. `layout` says how 4-D .npz
+    images are stored ('nchw' or 'nhwc'). One line per source read in a non-obvious way is
+    appended to `notes`.
     """
-    if "," in spec and not Path(spec).exists():
+    keyed = _NPZ_KEYS.match(spec)
+    if keyed and not Path(spec).exists():
+        keys = (keyed["images"], keyed["labels"])
+        images, labels = read_npz(keyed["path"], layout, keys, notes)
+    elif cifar.is_cifar_source(spec) and not Path(spec).is_dir():
+        images, labels = cifar.read_cifar(spec)
+    elif "," in spec and not Path(spec).exists():
         parts = spec.split(",")
         if len(parts) != 2 or not all(parts):
             raise UsageError(
@@ -270,10 +372,15 @@ def read_source(
         safefile.check_file(path, "source file", "check the path")
         if name.endswith((".csv", ".csv.gz")):
             return read_csv(path, shape)
+        if name.endswith((".tar.gz", ".tgz", ".tar")):
+            raise UsageError(
+                f"{path} is an archive: extract it first (tar xf {path.name}) and give the files "
+                "inside, e.g. 'cifar-10-batches-bin/data_batch_*.bin'"
+            )
         with open(path, "rb") as fh:
             head = fh.read(4)
         if name.endswith(".npz") or head == _ZIP_MAGIC:
-            images, labels = read_npz(path)
+            images, labels = read_npz(path, layout, notes=notes)
         elif _looks_like_idx(_gz_head(path)):
             raise UsageError(
                 f"{path} is an IDX file; give its labels file too: IMAGES,LABELS, e.g. "
@@ -281,8 +388,8 @@ def read_source(
             )
         else:
             raise UsageError(
-                f"cannot tell the format of {path}: use .csv, .csv.gz, .npz or IDX files given "
-                "as IMAGES,LABELS"
+                f"cannot tell the format of {path}: use .csv, .csv.gz, .npz, CIFAR-10 .bin "
+                "batches or IDX files given as IMAGES,LABELS"
             )
     if shape is not None and tuple(images.shape[1:]) != tuple(shape):
         raise UsageError(
