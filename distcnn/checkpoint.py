@@ -9,7 +9,7 @@ Layout (docs/interface.md):
     root attrs                  format_version, magic, step, epoch, offset (samples of this
                                 epoch's global order already used), world_size, model, config
                                 (JSON), num_classes, input_shape, seed, best_val, data_order,
-                                attrs_sha256
+                                run_id (the run that wrote it), attrs_sha256
     every dataset               attr sha256 of its bytes, verified on every load
 
 Only rank 0 calls the writing functions; the trainer broadcasts their outcome. A save writes
@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ class Checkpoint:
     model: str
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the trainer's log window
+    run_id: str = ""  # the run that wrote it ("" in checkpoints older than run ids)
     # what inference needs without the dataset: pixel scaling, mean/std (see inference_info)
     inference: dict[str, Any] = field(default_factory=dict)
     # optimizer state besides the velocity, by state name (Adam: exp_avg, exp_avg_sq)
@@ -128,6 +130,7 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
         "config": json.dumps(ck.config, sort_keys=True),
         "data_order": DATA_ORDER,
         "extra": json.dumps(ck.extra, sort_keys=True),
+        "run_id": str(ck.run_id),
         "inference": json.dumps(ck.inference, sort_keys=True),
     }
     if ck.dataset_fingerprint is not None:
@@ -264,6 +267,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
             model=str(attrs["model"]),
             config=json.loads(attrs["config"]),
             extra=json.loads(attrs.get("extra", "{}")),
+            run_id=str(attrs.get("run_id", "")),
             optimizer_state={
                 k.removeprefix("optimizer/"): v
                 for k, v in arrays.items()
@@ -344,25 +348,97 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def newest_valid(directory: str | os.PathLike) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that loads and verifies, and a note for each newer one skipped."""
-    skipped = []
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def looks_like_hdf5(path: str | os.PathLike) -> bool:
+    """A regular file that starts with the HDF5 signature (what h5py writes): a cheap first
+    test that cannot block (FIFOs and devices are not opened)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            return f.read(8) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def run_id_of(path: str | os.PathLike) -> str | None:
+    """The run_id root attribute of a checkpoint, read without verifying anything ("" for a
+    checkpoint older than run ids); None when the file is not a regular HDF5 file."""
+    if not looks_like_hdf5(path):
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            v = f.attrs.get("run_id", "")
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError):
+        return None
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def of_run(directory: str | os.PathLike, run_id: str) -> list[tuple[int, Path]]:
+    """(step, path) of the ckpt-*.h5 files in directory written by run_id, newest first."""
+    return [(s, p) for s, p in list_checkpoints(directory) if run_id_of(p) == run_id]
+
+
+SKIPS_SHOWN = 3  # reasons named in the one line that sums up the files --resume auto skipped
+
+
+def summarize_skips(skipped: list[str], limit: int = SKIPS_SHOWN) -> str:
+    """One short phrase for many skipped files: the first `limit` reasons, then a count."""
+    head = "; ".join(skipped[:limit])
+    more = len(skipped) - limit
+    return head + (f"; and {more} more" if more > 0 else "")
+
+
+def newest_valid(
+    directory: str | os.PathLike, run_id: str | None = None
+) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that loads and verifies (of run_id when given: others' files are
+    passed over), and the notes: one line that summarises the newer ones skipped."""
+    damaged: list[str] = []
+    others = 0
+    found = None
     for _, p in list_checkpoints(directory):
+        rid = run_id_of(p)
+        if run_id is not None and rid is not None and rid != run_id:
+            others += 1
+            continue
+        if rid is None and len(damaged) >= SKIPS_SHOWN:
+            # not even HDF5: only the reasons shown need the full (slower, guarded) load
+            damaged.append(f"{p.name}: not an HDF5 file")
+            continue
         try:
             load(p)
         except CheckpointError as e:
-            skipped.append(f"--resume auto: skipping {p.name}, it does not verify: {e}")
+            damaged.append(f"{p.name}: {e}")
             continue
-        return p, skipped
-    return None, skipped
+        found = p
+        break
+    notes = []
+    if damaged:
+        n = len(damaged)
+        notes.append(
+            f"--resume auto: skipped {n} newer checkpoint{'s' if n > 1 else ''} that "
+            f"{'do' if n > 1 else 'does'} not verify ({summarize_skips(damaged)})"
+        )
+    if others:
+        notes.append(
+            f"--resume auto: passed over {others} checkpoint{'s' if others > 1 else ''} of "
+            f"other runs in {directory} (this run is {run_id})"
+        )
+    return found, notes
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete leftover *.h5.tmp files from a crashed save."""
+    """Delete leftover ckpt-*.h5.tmp / best.h5.tmp files from a crashed save (the caller holds
+    the directory's lock, so no live save owns them)."""
     d = Path(directory)
     removed = []
     if d.is_dir():
         for p in d.glob("*.h5" + TMP_SUFFIX):
+            if not (NAME_RE.match(p.name[: -len(TMP_SUFFIX)]) or p.name == "best.h5.tmp"):
+                continue
             try:
                 p.unlink()
                 removed.append(p)
@@ -371,9 +447,10 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def prune(directory: str | os.PathLike, keep: int) -> None:
-    """Keep the newest `keep` ckpt-*.h5 files (best.h5 is never touched)."""
-    for _, p in list_checkpoints(directory)[keep:]:
+def prune(directory: str | os.PathLike, keep: int, run_id: str) -> None:
+    """Keep the newest `keep` ckpt-*.h5 files of run_id; other runs' files and best.h5 are
+    never touched."""
+    for _, p in of_run(directory, run_id)[keep:]:
         try:
             p.unlink()
         except OSError:
@@ -397,6 +474,7 @@ def summarize(path: str | os.PathLike) -> str:
         f"  format_version {ck.format_version}, checksum status: {status}",
         f"  step {ck.step}, epoch {ck.epoch} (+{ck.offset} samples), written by {ck.world_size} "
         f"rank(s), seed {ck.seed}, best val accuracy {ck.best_val:.4f}",
+        f"  run {ck.run_id or '(none recorded)'}",
         f"  model {ck.model}  input {tuple(ck.input_shape)}  classes {ck.num_classes}",
         "  parameters:",
     ]

@@ -178,6 +178,8 @@ class Comm:
             self._diag = self._collective("start-up (communicator duplicate)", self._idup)
         # how the gradient buffer is summed, for the user: set by reduce_buffer
         self.allreduce_path = "MPI_Iallreduce" if self.size > 1 else "none (1 rank)"
+        # called with the watchdog's message just before it aborts (rank 0's status.json)
+        self.on_stall: Callable[[str], None] | None = None
 
     @classmethod
     def world(cls, timeout: float | None = None) -> Comm:
@@ -567,13 +569,16 @@ class Comm:
             stopped = "; ranks not answering (stopped, or stuck outside MPI): " + ", ".join(
                 str(r) for r in silent
             )
-        print(
-            f"[rank {self.rank}] error: collective #{self.seq} ({what}) waited {waited:.1f} s, "
-            f"longer than --collective-timeout {self.timeout:g}; ranks that did not arrive: "
-            f"{names}{stopped}. Aborting the job.",
-            file=sys.stderr,
-            flush=True,
+        msg = (
+            f"collective #{self.seq} ({what}) waited {waited:.1f} s, longer than "
+            f"--collective-timeout {self.timeout:g}; ranks that did not arrive: {names}{stopped}"
         )
+        print(f"[rank {self.rank}] error: {msg}. Aborting the job.", file=sys.stderr, flush=True)
+        if self.on_stall is not None:
+            try:
+                self.on_stall(msg)
+            except Exception:
+                pass
         self.abort(1)
 
     # -- ending the job ----------------------------------------------------------------------

@@ -244,6 +244,21 @@ class Config:
         metavar="N",
         trajectory=False,
     )
+    straggler_every: int = setting(
+        100,
+        "steps per straggler window: ranks share their compute time per step (default 100)",
+        min=1,
+        metavar="N",
+        trajectory=False,
+    )
+    straggler_margin: float = setting(
+        0.5,
+        "name a rank slower than the median by this fraction, two windows in a row (0.5)",
+        above=0.0,
+        max=1000.0,
+        metavar="F",
+        trajectory=False,
+    )
     eval_batch_size: int = setting(
         1000, "batch for evaluation (default 1000)", min=1, metavar="B", trajectory=False
     )

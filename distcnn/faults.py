@@ -142,3 +142,20 @@ def during_save(step: int) -> None:
         return
     if f is not None and f.mode == "kill-save" and f.step == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def slow_from_env(rank: int) -> float:
+    """DISTCNN_SLOW=<rank>:<seconds> -> the extra seconds per step of this rank (0: none)."""
+    spec = os.environ.get("DISTCNN_SLOW", "").strip()
+    if not spec:
+        return 0.0
+    try:
+        r, s = spec.split(":")
+        r_i, s_f = int(r), float(s)
+        if not 0 <= s_f <= 60:
+            raise ValueError
+    except ValueError:
+        raise UsageError(
+            f"DISTCNN_SLOW={spec!r} is malformed; use <rank>:<seconds>, seconds in [0, 60]"
+        ) from None
+    return s_f if r_i == rank else 0.0

@@ -19,7 +19,9 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from distcnn import rundir, signals
 from distcnn.errors import UsageError
+from distcnn.rundir import RunDir
 
 if TYPE_CHECKING:
     from distcnn.config import Config
@@ -31,6 +33,11 @@ def _error(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First thing, before MPI starts and NumPy loads: SIGTERM/SIGUSR1/SIGINT only set a flag
+    # from here on, which the ranks agree on at the next setup check or step (signals.py).
+    # The handlers stay until the process exits, so a signal after the run cannot kill it.
+    signals.STOP.clear()
+    signals.STOP.install()
     try:  # mpi4py's MPI, or a one-process stand-in when no MPI library is installed
         from distcnn.mpienv import MPI
     except UsageError as e:  # several ranks launched, no MPI library: what to install
@@ -91,17 +98,38 @@ def main(argv: list[str] | None = None) -> int:
     return run_or_abort(lambda: _run(flags, toml, comm, n_threads, source), comm)
 
 
-def _agree(comm: Any, err: str | None) -> str | None:
-    """Every rank learns the first error any rank hit (setup errors are usage errors)."""
+def _agree(comm: Any, err: str | None) -> int | None:
+    """MPI: every rank learns the first error any rank hit during setup (a usage error: exit
+    2) or a stop signal any rank got (exit 0, or 130 for SIGINT: nothing trained yet, so
+    nothing to save); None when setup goes on. Rank 0 prints the one line."""
     # MPI: point to point, so a rank whose setup failed alone (while the others went on into
     # a collective) still ends the job with its own message, within seconds (Comm.settle)
-    return comm.settle(err, "setup check")
+    err = comm.settle(err, "setup check")
+    if err:
+        return _error(err) if comm.rank == 0 else 2
+    return _stop_check(comm)
+
+
+def _stop_check(comm: Any) -> int | None:
+    """MPI: whether any rank got a stop signal during start-up; the exit code if so."""
+    stop = signals.STOP
+    got = comm.gather_objects((stop.requested, stop.interrupted), "start-up signals")  # MPI
+    if any(requested for requested, _ in got):
+        interrupted = any(i for _, i in got)
+        what, code = ("interrupted", 130) if interrupted else ("preempted", 0)
+        if comm.rank == 0:
+            print(
+                f"{what} ({signals.describe(stop, interrupted)}) during start-up, before any "
+                f"step: nothing to save; exiting {code}",
+                flush=True,
+            )
+        return code
+    return None
 
 
 def _run(
     flags: dict[str, Any], toml: dict[str, Any], comm: Any, n_threads: int, thread_source: str
 ) -> int:
-    from distcnn import checkpoint as ckpt
     from distcnn import config
 
     # Rank 0 decides what to resume from; everyone gets the decision and the stored config.
@@ -117,7 +145,10 @@ def _run(
         return _error(decision["error"]) if comm.rank == 0 else 2
 
     err = None
-    trainer = None
+    run = None  # rank 0: the run directory, once its lock is held
+    cfg: Config | None = None
+    warnings: list[str] = []
+    resume = None
     try:
         cfg, warnings = config.resolve(flags, decision.get("config"), toml)
         warnings = decision.get("notes", []) + warnings
@@ -156,35 +187,65 @@ def _run(
             # MPI: every rank learns rank 0's outcome (no rank left waiting in a collective)
             dry_err = comm.bcast_object(dry_err, 0, "dry run")
             return (_error(dry_err) if comm.rank == 0 else 2) if dry_err else 0
-        from distcnn.trainer import Trainer
-
         resume = None
         if decision.get("path"):
             resume = loaded if comm.rank == 0 else decision["meta"]
         if comm.rank == 0:
-            _check_checkpoint_dir(cfg.checkpoint_dir)
+            # the directory, its lock (a second live job ends here), its owner, the log
+            run = RunDir(cfg.checkpoint_dir, decision["run_id"], cfg.log)
+            new_run = not flags.get("resume", toml.get("resume"))
+            warnings += run.prepare(new_run, decision.get("path"))
     except UsageError as e:
         err = str(e)
-    err = _agree(comm, err)  # MPI: before the Trainer, whose construction is collective
-    if err:
-        return _error(err) if comm.rank == 0 else 2
     try:
-        trainer = Trainer(cfg, comm, warnings, resume, decision.get("path"))
+        return _train(
+            cfg, comm, err, warnings, resume, decision, run, rank_table, n_threads, thread_source
+        )
+    finally:
+        if run is not None:
+            run.release()
+
+
+def _train(
+    cfg: Config,
+    comm: Any,
+    err: str | None,
+    warnings: list[str],
+    resume: Any,
+    decision: dict[str, Any],
+    run: RunDir | None,
+    rank_table: list[str],
+    n_threads: int,
+    thread_source: str,
+) -> int:
+    """Build the trainer (after every rank passed setup) and run it; rank 0 holds `run`."""
+    from distcnn import checkpoint as ckpt
+    from distcnn.trainer import SaveFailed, Trainer
+
+    code = _agree(comm, err)  # MPI: before the Trainer, whose construction is collective
+    if code is not None:
+        return code
+    trainer = None
+    try:
+        trainer = Trainer(
+            cfg, comm, warnings, resume, decision.get("path"), decision["run_id"], run
+        )
         if comm.rank == 0:
             for p in ckpt.remove_stale_temporaries(cfg.checkpoint_dir):
                 trainer.console.warn(f"removed {p}, left by an interrupted save")
     except UsageError as e:
         err = str(e)
-    err = _agree(comm, err)
-    if err:
-        return _error(err) if comm.rank == 0 else 2
+    code = _agree(comm, err)  # MPI: a signal after this point stops the first step
+    if code is not None:
+        return code
     assert trainer is not None
-    from distcnn.trainer import SaveFailed
+    from distcnn import agree
 
     trainer.start()
     if trainer.state.step < trainer.total_steps:  # this attempt's ranks, in the metrics log
         trainer.console.record(agree.table_record(rank_table, trainer.state.step))
     if comm.rank == 0:
+        print(f"run {decision['run_id']} in {cfg.checkpoint_dir}", flush=True)
         print(f"threads per rank: {n_threads} (from {thread_source})", flush=True)
         print("config: " + json.dumps(trainer.cfg.as_dict(), sort_keys=True), flush=True)
     try:
@@ -197,25 +258,6 @@ def _run(
         return 1
 
 
-def _check_checkpoint_dir(path: str) -> None:
-    """On rank 0: create --checkpoint-dir and prove it writable, or raise UsageError (exit 2)."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    d = Path(path)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", suffix=".tmp", dir=d)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        reason = e.strerror or str(e)
-        raise UsageError(
-            f"--checkpoint-dir {path} is unusable ({reason}); give a writable directory"
-        ) from None
-
-
 def _resume_decision(flags: dict[str, Any], toml: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """On rank 0: which checkpoint to resume from (if any), as (a decision to broadcast: path,
     inherited config, metadata and notes; the loaded checkpoint, or None)."""
@@ -224,13 +266,14 @@ def _resume_decision(flags: dict[str, Any], toml: dict[str, Any]) -> tuple[dict[
 
     resume = flags.get("resume", toml.get("resume"))
     if not resume:
-        return {}, None
+        return {"run_id": rundir.new_run_id()}, None
     notes: list[str] = []
     if resume == "auto":
         directory = flags.get("checkpoint_dir", toml.get("checkpoint_dir"))
         directory = directory or config.DEFAULTS["checkpoint_dir"]
-        path, notes = ckpt.newest_valid(directory)
-        if path is None and notes:
+        run_id = rundir.dir_run_id(directory)  # None: a directory from before run ids
+        path, notes = ckpt.newest_valid(directory, run_id)
+        if path is None and any("not verify" in n for n in notes):
             raise UsageError(
                 f"--resume auto: no checkpoint in {directory} verifies ("
                 + "; ".join(notes)
@@ -238,7 +281,7 @@ def _resume_decision(flags: dict[str, Any], toml: dict[str, Any]) -> tuple[dict[
             )
         if path is None:
             notes.append(f"--resume auto: no checkpoint in {directory}; starting fresh")
-            return {"notes": notes}, None
+            return {"notes": notes, "run_id": run_id or rundir.new_run_id()}, None
     else:
         path = resume
     ck = ckpt.load(path)
@@ -247,7 +290,13 @@ def _resume_decision(flags: dict[str, Any], toml: dict[str, Any]) -> tuple[dict[
     # settings marked inherit=False (e.g. --max-steps, which limits one invocation) are not
     # taken from the checkpoint; the others are type- and range-checked like flags
     inherited = config.check_stored(ck.config, str(path), set(flags) | set(toml))
-    return {"path": str(path), "config": inherited, "meta": meta, "notes": notes}, ck
+    return {
+        "path": str(path),
+        "config": inherited,
+        "meta": meta,
+        "notes": notes,
+        "run_id": ck.run_id or rundir.new_run_id(),  # a checkpoint from before run ids
+    }, ck
 
 
 def _dry_run(cfg: Config, n_threads: int, thread_source: str, ranks: int) -> None:

@@ -13,41 +13,44 @@ Every place that talks to other ranks is marked `# MPI:`.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import sys
+import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from distcnn import checkpoint as ckpt
 from distcnn import data as datamod
+from distcnn import signals
 from distcnn.augment import Augment
 from distcnn.comm import Comm
 from distcnn.compress import CompressedAllreduce
 from distcnn.config import Config, parse_betas
 from distcnn.errors import UsageError
-from distcnn.faults import fault_from_env, inject_fault
+from distcnn.faults import fault_from_env, inject_fault, slow_from_env
 from distcnn.layers import Pass
+from distcnn.metrics import Console, LogWindow, Metrics, Phases
 from distcnn.model import REFERENCE_SPEC, Model
 from distcnn.optim import learning_rate, make_optimizer
 from distcnn.progress import Progress, fmt_metric, hms, profile_table
 from distcnn.restore import inference_info
+from distcnn.rundir import RunDir, new_run_id
 from distcnn.safefile import check_model_memory
 from distcnn.sampler import epoch_order, shard_bounds, steps_per_epoch
+from distcnn.saver import SaveFailed, Saver
+from distcnn.status import StatusFile
+from distcnn.stragglers import PERSIST, StragglerWatch
+from distcnn.stragglers import describe as describe_straggler
 from distcnn.syncbn import LaneSync, run_lanes
 
-EXTRA = 3  # slots after the gradient in the reduce buffer: loss sum, correct, stop flag
+__all__ = ["Console", "SaveFailed", "TrainState", "Trainer", "evaluate_split"]
+
+# Slots after the gradient in the reduce buffer: loss sum, correct, stop flag (a signal reached
+# a rank), interrupt flag (that signal was SIGINT), then one per rank: its compute seconds per
+# step at the end of a straggler window (stragglers.py), 0 otherwise.
+EXTRA = 4  # plus the world size
 DET_SHARDS = 8  # --deterministic: micro-shards per global batch (a multiple of 4)
-# Phases of the run timed on rank 0 (every rank times its own; rank 0's go to the log and to
-# --profile). "data" is building this rank's batch (and, with --deterministic, adding the
-# micro-shard sums); "comm" the step's collective, waiting for slower ranks included.
-PHASES = ("data", "forward", "backward", "comm", "optimizer", "checkpoint", "eval")
-STEP_PHASES = PHASES[:-1]  # eval happens between steps
 
 
 @dataclass
@@ -58,104 +61,7 @@ class TrainState:
     epoch: int = 0  # current epoch (0-based)
     offset: int = 0  # samples of this epoch's global order already used
     best_val: float = -1.0  # best validation accuracy so far (-1: none yet)
-    # The metrics being averaged for the log, saved so that a resumed run logs exactly what an
-    # uninterrupted one does: the step window (steps since the last multiple of --log-every,
-    # sums over its finite steps) and the epoch's (loss * images, correct, images).
-    window_start: int = 0  # the step the current window follows
-    loss_sum: float = 0.0
-    acc_sum: float = 0.0
-    window: int = 0  # finite steps in the window
-    epoch_sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
-
-    def log_state(self) -> dict[str, Any]:
-        return {
-            "window": [self.window_start, self.loss_sum, self.acc_sum, self.window],
-            "epoch_sums": [float(x) for x in self.epoch_sums],
-        }
-
-    def restore_log_state(self, saved: dict[str, Any]) -> None:
-        """From a checkpoint's extra["log_state"]; without one the windows start afresh."""
-        if not saved:
-            self.window_start = self.step
-            return
-        ws, ls, acs, w = saved["window"]
-        self.window_start, self.loss_sum, self.acc_sum, self.window = int(ws), ls, acs, int(w)
-        self.epoch_sums = np.array(saved["epoch_sums"], dtype=np.float64)
-
-
-class SaveFailed(RuntimeError):
-    """A checkpoint could not be written; raised on every rank (the outcome is broadcast)."""
-
-
-@dataclass
-class Phases:
-    """Wall time per phase of the run, for the log and --profile."""
-
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-
-    def add(self, phase: str, t0: float) -> float:
-        now = time.perf_counter()
-        self.seconds[phase] += now - t0
-        return now
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the ranks agree on it at the next step's collective."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-
-class Console:
-    """Rank 0's printing and metrics log; silent on other ranks."""
-
-    def __init__(self, comm: Comm, log_path: str | None, resumed_step: int | None) -> None:
-        self.on = comm.rank == 0
-        self.log_path = log_path
-        self.resumed_step = resumed_step
-
-    def continue_log(self) -> None:
-        """Once setup has succeeded (a refused resume leaves the log alone): drop the records
-        past the step resumed from."""
-        path, step = self.log_path, self.resumed_step
-        if self.on and path and step is not None and Path(path).exists():
-            self._truncate_log(Path(path), step)
-
-    @staticmethod
-    def _truncate_log(path: Path, step: int) -> None:
-        """Drop records past the resumed step, so they are not repeated (atomic rewrite)."""
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, path)
-
-    def print(self, *args: Any) -> None:
-        if self.on:
-            print(*args, flush=True)
-
-    def warn(self, msg: str) -> None:
-        if self.on:
-            print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-    def record(self, rec: dict[str, Any]) -> None:
-        if self.on and self.log_path:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    log: LogWindow = field(default_factory=LogWindow)  # what the next records average
 
 
 def evaluate_split(
@@ -192,10 +98,17 @@ class Trainer:
         warnings: list[str],
         resume: ckpt.Checkpoint | None,
         resume_path: str | None,
+        run_id: str | None = None,
+        run: RunDir | None = None,
     ) -> None:
+        """run_id: this run's id (a new one when None); run: rank 0's RunDir (lock held), or
+        None (other ranks, and tests that build a Trainer directly)."""
         self.cfg = cfg
         self.comm = comm
-        self.console = Console(comm, cfg.log, resume.step if resume else None)
+        self.run_id = run_id if run_id is not None else new_run_id()
+        self.rundir = run
+        log_path = run.log_path if run else cfg.log  # without a RunDir: --log only
+        self.console = Console(comm, log_path, resume.step if resume else None)
         for w in warnings:
             self.console.warn(w)
         data_path = cfg.data or str(datamod.DEFAULT_DATASET)
@@ -225,6 +138,12 @@ class Trainer:
         )
         self.train, self.test = self.data.train, self.data.test
         self.val = self._validation_split(self.data.val)
+        for name, split in (("val", self.val), ("test", self.test)):
+            if split is not None and split.image_shape != self.train.image_shape:
+                raise UsageError(
+                    f"--data {data_path}: the {name} split's images are {split.image_shape} but "
+                    f"train's are {self.train.image_shape}; rebuild the file with one image shape"
+                )
         # what the checkpoints record and a resume is checked against (rank 0 owns files)
         self.fingerprint = datamod.fingerprint(data_path) if comm.rank == 0 else None
         self.data_path = data_path
@@ -251,7 +170,7 @@ class Trainer:
             self.train.image_shape,
             self.train.num_classes,
             np.float32,
-            grad_extra=EXTRA,
+            grad_extra=EXTRA + comm.size,
             grad_alloc=comm.reduce_buffer,  # MPI: in shared memory when ranks share a node
         )
         self.n_params = self.model.num_params
@@ -269,10 +188,18 @@ class Trainer:
         self.opt_views = {k: self.model.views_of(v) for k, v in self.opt.state.items()}
         self.state = TrainState()
         self.phases = Phases()
-        self.preempt = Preemption()
-        self.preempt.install()  # early, so a signal during setup is not fatal either
-        self.saved_step = -1  # step of the last ckpt-<step>.h5 written by this run
+        self.status: StatusFile | None = None  # rank 0's status.json, from start()
+        self._status_warned = False
+        self.stop_request = signals.STOP  # train.main installs its handlers first thing
+        self.interrupted = False  # the agreed stop came from SIGINT on some rank
         self.fault = fault_from_env(comm.rank)
+        self.slow = slow_from_env(comm.rank)  # DISTCNN_SLOW: seconds of delay per step
+        self.stragglers = StragglerWatch(
+            comm.rank, comm.size, cfg.straggler_every, cfg.straggler_margin
+        )
+        self.straggler_records: list[dict[str, Any]] = []  # of the last step
+        self._slots_dirty = True  # the reduce buffer's straggler slots need clearing
+        self.bad_in_row = 0  # non-finite steps in a row
         # one optimizer step takes accum_steps micro-batches of batch_size (the last step of an
         # epoch takes what is left: fewer micro-batches, the last one short)
         self.step_batch = cfg.batch_size * cfg.accum_steps
@@ -281,6 +208,18 @@ class Trainer:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.schedule_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = int(cfg.warmup_epochs * self.steps_per_epoch)
+        self.saver = Saver(
+            comm,
+            self.run_id,
+            cfg.checkpoint_dir,
+            cfg.checkpoint_every,
+            cfg.keep,
+            self.phases,
+            self.checkpoint_state,
+            self._replica_check,
+            lambda path: self._set_status(force=True, last_checkpoint=str(path)),
+        )
         shard = -(-cfg.batch_size // (DET_SHARDS if cfg.deterministic else comm.size))
         self.xbuf = np.empty((shard, *self.train.image_shape), dtype=np.float32)
         if cfg.deterministic:
@@ -300,7 +239,7 @@ class Trainer:
                     self.model.input_shape,
                     self.model.num_classes,
                     np.float32,
-                    grad_extra=EXTRA,
+                    grad_extra=EXTRA + comm.size,
                     params=self.model.params,
                 )  # fmt: skip
                 for _ in range(per_rank - 1)
@@ -316,6 +255,9 @@ class Trainer:
             self.compressed = CompressedAllreduce(comm, self.red.size, self.n_params,
                                                   cfg.allreduce_dtype)  # fmt: skip
         self._init_or_resume(resume, resume_path)
+        self.metrics = Metrics(
+            self.state.log, self.phases, cfg.log_every, len(self.train), self.lr_at
+        )
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -344,8 +286,8 @@ class Trainer:
         """Fill parameters and state on rank 0 (from the seed or the checkpoint); no collective
         here, so a setup error on one rank cannot strand the others: see start()."""
         if resume is not None:
-            self.state = TrainState(resume.step, resume.epoch, resume.offset, resume.best_val)
-            self.state.restore_log_state(resume.extra.get("log_state"))
+            log = LogWindow.from_saved(resume.extra.get("log_state"), resume.step)
+            self.state = TrainState(resume.step, resume.epoch, resume.offset, resume.best_val, log)
             if self.state.offset >= len(self.train):  # a smaller train split (allowed below)
                 self.state.epoch, self.state.offset = self.state.epoch + 1, 0
         if self.comm.rank != 0:
@@ -370,6 +312,8 @@ class Trainer:
             optimizer_state=tuple(self.opt.state),
         )
         self._check_resume_data(resume, str(path))
+        if not self.cfg.allow_data_change:
+            self._check_same_train_split(resume, str(path))
         saved = {"velocity": resume.velocity, **resume.optimizer_state}
         for name, view in self.model.param_views.items():
             view[...] = resume.params[name]
@@ -396,9 +340,31 @@ class Trainer:
             now, then = (datamod.describe_fingerprint(fp) for fp in (current, recorded))
             self.console.warn(f"--allow-data-change: resuming on {now} (trained on {then})")
 
+    def _check_same_train_split(self, resume: ckpt.Checkpoint, path: str) -> None:
+        """The data order and the position in it only mean the same thing on the same training
+        split: refuse another size (another dataset or --val-fraction) before any work."""
+        n, saved = len(self.train), resume.extra.get("train_size")
+        fix = (
+            "resume with the dataset and --val-fraction it was trained with, or start a new run "
+            "in another --checkpoint-dir"
+        )
+        if isinstance(saved, int) and saved != n:
+            raise UsageError(
+                f"checkpoint {path} was trained on {saved} training samples, this run has {n} "
+                f"(--val-fraction {self.cfg.val_fraction}); {fix}"
+            )
+        if resume.offset > n:
+            raise UsageError(
+                f"checkpoint {path} stopped at sample {resume.offset} of its epoch, past the {n} "
+                f"training samples of this run (--val-fraction {self.cfg.val_fraction}); {fix}"
+            )
+
     def start(self) -> None:
-        """MPI: rank 0's parameters and optimizer state become everyone's."""
-        self.console.continue_log()
+        """Rank 0 continues the metrics log and writes run.json; MPI: rank 0's parameters and
+        optimizer state become everyone's."""
+        st = self.state
+        if st.step < self.total_steps:  # a run with nothing to do changes no file
+            self._open_run_files()
         self.comm.bcast(self.model.params, 0, "initial parameters")
         for name, buf in self.opt.state.items():
             self.comm.bcast(buf, 0, f"optimizer state {name}")
@@ -410,15 +376,56 @@ class Trainer:
             self.compressed.scale = small["scale"]
         for name, a in self.model.buffers.items():
             a[...] = small["buffers"][name]
+        if self.comm.size > 1:  # MPI: for naming stragglers
+            self.stragglers.hosts = self.comm.gather_objects(socket.gethostname(), "host names")
+
+    def _open_run_files(self) -> None:
+        st = self.state
+        self.console.continue_log()
+        self.console.record(
+            {"kind": "run", "time": time.time(), "step": st.step, "epoch": st.epoch,
+             "run_id": self.run_id, "world_size": self.comm.size}
+        )  # fmt: skip
+        if self.rundir is not None:
+            self.rundir.write_run_json(self.cfg.as_dict(), self.comm.size, st.step)
+            self.status = StatusFile(
+                self.cfg.checkpoint_dir, self.run_id, self.total_steps, self.comm.size
+            )
+            self.status.update(True, state="starting", step=st.step, epoch=st.epoch)
+            self.comm.on_stall = lambda msg: self._set_status("failed", message=msg)
+
+    def _set_status(
+        self,
+        state: str | None = None,
+        message: str | None = None,
+        force: bool = False,
+        **kw: Any,
+    ) -> None:
+        """Rank 0: status.json (see distcnn.status), written at each step record, checkpoint,
+        change of state and failure (unforced updates at most once a second)."""
+        if self.status is None:
+            return
+        if message is not None:
+            kw["last_failure"] = {
+                "rank": self.comm.rank,
+                "host": socket.gethostname(),
+                "step": self.state.step,
+                "message": message,
+            }
+        if state is not None:
+            kw["state"] = state
+        self.status.update(force or state is not None or message is not None, **kw)
+        if self.status.error and not self._status_warned:
+            self._status_warned = True
+            self.console.warn(self.status.error + "; training goes on without a live status")
 
     # -- one step ---------------------------------------------------------------------------
 
     def step(self, batch: np.ndarray) -> tuple[float, float, bool, bool]:
-        """One optimizer step on the global batch (indices into train): accum_steps
-        micro-batches of batch_size consecutive indices, gradients summed before the one
-        allreduce, each scaled by 1/len(batch): the update of one batch of len(batch).
+        """One optimizer step on the global batch (indices into train).
 
-        Returns (global mean loss, accuracy, stop: a rank got a preemption signal, finite).
+        Returns (global mean loss, accuracy, stop: a rank got a signal, finite); when stop,
+        self.interrupted says whether a rank's signal was SIGINT.
         finite is False when the summed loss or gradient holds a NaN or Inf: a non-finite value
         on any rank poisons the sum every rank receives, so every rank sees it, skips the update
         (parameters and velocity unchanged) and returns False — the same decision everywhere
@@ -428,10 +435,11 @@ class Trainer:
         n = len(batch)
         t = time.perf_counter()
         fwd0, bwd0, comm0 = model.seconds["forward"], model.seconds["backward"], comm.comm_seconds
+        if self.slow:
+            time.sleep(self.slow)
         micro = [batch[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
         if cfg.deterministic:
-            red[P + 2] = 1.0 if self.preempt.requested else 0.0
-            self._deterministic_grads(micro, n)
+            self._deterministic_grads(micro, n, t)
         else:
             for k, mb in enumerate(micro):
                 lo, hi = shard_bounds(len(mb), comm.size, comm.rank)
@@ -446,7 +454,8 @@ class Trainer:
                         self.acc += red
             if len(micro) > 1:
                 red[...] = self.acc
-            red[P + 2] = 1.0 if self.preempt.requested else 0.0
+                self._slots_dirty = True  # the copy brought back summed slots
+            self._control_slots(red, t)
             self._maybe_inject_nan(red)
             what = f"gradient allreduce, step {self.state.step + 1}"
             if self.compressed is not None:
@@ -473,16 +482,30 @@ class Trainer:
                 norm = float(np.sqrt(np.dot(grads, grads)))
                 if norm > cfg.clip_norm:
                     scale = cfg.clip_norm / norm
-            lr = learning_rate(
-                cfg.lr_schedule,
-                cfg.lr,
-                self.state.step,
-                self.schedule_steps,
-                int(cfg.warmup_epochs * self.steps_per_epoch),
-            )
-            self.opt.step(grads, lr, scale)
+            self.opt.step(grads, self.lr_at(self.state.step), scale)
         self.phases.add("optimizer", t)
+        self.interrupted = bool(red[P + 3] > 0)
+        self.straggler_records = self.stragglers.window(
+            self.state.step + 1, red[P + EXTRA : P + EXTRA + comm.size]
+        )
         return float(red[P]) / n, float(red[P + 1]) / n, bool(red[P + 2] > 0), finite
+
+    def _control_slots(self, buf: np.ndarray, t0: float) -> None:
+        """This rank's slots after loss and correct, just before the step's collective: stop
+        and interrupt flags, and its compute time at the end of a straggler window."""
+        P, w = self.n_params, self.stragglers
+        buf[P + 2] = 1.0 if self.stop_request.requested else 0.0
+        buf[P + 3] = 1.0 if self.stop_request.interrupted else 0.0
+        w.add(time.perf_counter() - t0)
+        value = w.slot_value(self.state.step + 1)
+        # only this rank's slot is ever non-zero going in; an in-place allreduce leaves every
+        # rank's time in the buffer after a window step, so the next step clears the slots
+        if buf is not self.red or self._slots_dirty:
+            buf[P + EXTRA : P + EXTRA + self.comm.size] = 0.0
+            self._slots_dirty = False
+        if value:
+            buf[P + EXTRA + self.comm.rank] = value
+            self._slots_dirty = True
 
     def _lane_grads(self, mb: np.ndarray, n: int, k: int) -> None:
         """--sync-bn --deterministic: this rank's micro-shards of micro-batch mb, each in its
@@ -524,12 +547,17 @@ class Trainer:
         the dropout masks depend on, so they do not depend on the rank count."""
         return Pass(True, self.cfg.seed, self.state.step, ids)
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the step after `step` steps done."""
+        cfg = self.cfg
+        return learning_rate(cfg.lr_schedule, cfg.lr, step, self.schedule_steps, self.warmup_steps)
+
     def _maybe_inject_nan(self, buf: np.ndarray) -> None:
         """DISTCNN_FAULT=<rank>:<step>:nan: this rank's gradient turns NaN before the collective."""
         if self.fault == (self.state.step + 1, "nan"):
             buf[0] = np.nan
 
-    def _deterministic_grads(self, micro: list[np.ndarray], n: int) -> None:
+    def _deterministic_grads(self, micro: list[np.ndarray], n: int, t0: float) -> None:
         """Gradient sums of DET_SHARDS fixed micro-shards, added as a fixed binary tree.
 
         Micro-shard m of each micro-batch is the m-th of DET_SHARDS even parts of it; leaf m
@@ -565,14 +593,16 @@ class Trainer:
                 buf, level = left, level + 1
             stack.append((level, buf))
         ((_, mine),) = stack
-        mine[P + 2] = self.red[P + 2]  # this rank's stop flag
+        self._control_slots(mine, t0)  # this rank's flags and straggler slot, not summed above
         self._maybe_inject_nan(mine)
         comm.allgather(mine, self.gathered, f"deterministic allgather, step {self.state.step + 1}")
         parts = list(self.gathered)
         while len(parts) > 1:
             parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
         self.red[...] = parts[0]
-        self.red[P + 2] = self.gathered[:, P + 2].sum()
+        # flags and straggler slots: each set by one rank only, so a plain sum
+        end = P + EXTRA + comm.size
+        self.red[P + 2 : end] = self.gathered[:, P + 2 : end].sum(axis=0)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -591,9 +621,10 @@ class Trainer:
             model=self.model.spec,
             config=self.cfg.as_dict(),
             extra={
-                "log_state": self.state.log_state(),
+                "log_state": self.state.log.as_saved(),
                 "optimizer_steps": self.opt.steps,
                 "allreduce_scale": self.compressed.scale if self.compressed else 1.0,
+                "train_size": len(self.train),
             },
             optimizer_state={
                 state: {k: v.copy() for k, v in views.items()}
@@ -601,39 +632,27 @@ class Trainer:
                 if state != "velocity"
             },
             buffers={k: v.copy() for k, v in self.model.buffers.items()},
+            run_id=self.run_id,
             inference=self.inference,
             dataset_fingerprint=self.fingerprint,
         )
 
     def save(self, best: bool = False) -> None:
-        """Rank 0 writes ckpt-<step>.h5 (once per step) and, if best, best.h5; everyone learns
-        whether it worked, and a failed save raises SaveFailed on every rank."""
-        t = time.perf_counter()
-        err = ""
-        if self.comm.rank == 0:
-            d = Path(self.cfg.checkpoint_dir)
-            try:
-                state = self.checkpoint_state()
-                if self.saved_step != self.state.step:
-                    ckpt.save(d / ckpt.file_name(self.state.step), state)
-                    self.saved_step = self.state.step
-                    ckpt.prune(d, self.cfg.keep)
-                if best:
-                    ckpt.save(d / "best.h5", state)
-            except Exception as e:  # disk full, directory gone, h5py errors: all end the job
-                err = f"saving the checkpoint of step {self.state.step} in {d} failed: {e}"
-        err = self.comm.bcast_object(err, 0, "checkpoint outcome")  # MPI: same branch everywhere
-        self.phases.add("checkpoint", t)
-        if err:
-            raise SaveFailed(err + "; the previous checkpoint is intact")
+        """MPI: save now (ckpt-<step>.h5 once per step, best.h5 if best); see Saver.save."""
+        self.saver.save(self.state.step, best)
 
     def run(self) -> int:
-        """Train to the step limit; the exit code (0 done or preempted, 1 too many bad steps)."""
+        """Train to the step limit; the exit code (0 done or preempted, 130 interrupted by
+        SIGINT, 1 too many bad steps)."""
         if self.cfg.profile:
             self.model.profile_layers()
         first_step = self.state.step
         try:
             code = self._train()
+        except BaseException as e:  # rank 0's own failure (any rank's SaveFailed included)
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self._set_status("failed", message=f"{type(e).__name__}: {msg}")
+            raise
         finally:
             self.data.close()  # prefetch threads and file handles (shared memory: at exit)
         if self.cfg.profile:
@@ -641,129 +660,131 @@ class Trainer:
         return code
 
     def _train(self) -> int:
-        cfg, comm, st, con = self.cfg, self.comm, self.state, self.console
-        n_train = len(self.train)
-        con.print(
-            f"distcnn: {comm.size} rank(s), model {self.model.spec} ({self.n_params:,} params), "
-            f"{n_train} train images {self.train.image_shape}, global batch {self.step_batch}"
-            + (f" ({cfg.accum_steps} x {cfg.batch_size})" if cfg.accum_steps > 1 else "")
-            + ", "
-            f"{self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
-        )
-        if comm.size > 1:
-            con.print(f"gradient allreduce: {comm.allreduce_path}")
-        con.print(self.data.line)
+        st, n_train = self.state, len(self.train)
+        self._announce()
         if st.step >= self.total_steps:
-            con.print(f"already at step {st.step} of {self.total_steps}: nothing to do")
+            self.console.print(f"already at step {st.step} of {self.total_steps}: nothing to do")
             return 0
-        order = epoch_order(cfg.seed, st.epoch, n_train)
+        self.progress = Progress(
+            self.console.on, self.total_steps, st.step, not self.cfg.no_progress
+        )
+        self.metrics.restart_clocks(st.step)
+        self._set_status("running", step=st.step, epoch=st.epoch)
+        order = epoch_order(self.cfg.seed, st.epoch, n_train)
         # the rows this rank will ask for, so a streaming split reads them ahead
+        cfg, comm = self.cfg, self.comm
         self.train.prefetch(
             datamod.rank_plan(cfg.seed, n_train, cfg.batch_size, comm.size, comm.rank,
                               st.epoch, st.offset)
         )  # fmt: skip
-        prog = self.progress = Progress(con.on, self.total_steps, st.step, not cfg.no_progress)
-        t_log, imgs_since, t_epoch, imgs_epoch = time.perf_counter(), 0, time.perf_counter(), 0
-        epoch_sums = st.epoch_sums  # this epoch's loss * images, correct, images (finite steps)
-        mark_step, mark_phases = st.step, dict(self.phases.seconds)
-        bad_in_row = 0
         stop = False
         while st.step < self.total_steps and not stop:
             batch = order[st.offset : st.offset + self.step_batch]
-            if self.fault and self.fault[0] == st.step + 1 and self.fault[1] != "nan":
-                inject_fault(self.fault[1], st.step + 1, comm.rank)
+            self._fault_before_step()
             loss, acc, stop, finite = self.step(batch)
             # A skipped step still counts (the step counter, the data position and the schedule
             # move on), so a bad batch is not retried forever and resuming stays exact.
-            st.step += 1
-            st.offset += len(batch)
-            imgs_since += len(batch)
-            imgs_epoch += len(batch)
-            if finite:
-                bad_in_row = 0
-                st.loss_sum += loss
-                st.acc_sum += acc
-                st.window += 1
-                epoch_sums += (loss * len(batch), acc * len(batch), len(batch))
-            else:
-                bad_in_row += 1
-                if self._non_finite_step(bad_in_row):
-                    prog.close()
-                    return 1
-            end_of_epoch = st.offset >= n_train
+            st.step, st.offset = st.step + 1, st.offset + len(batch)
+            self.metrics.add(loss, acc, len(batch), finite)
+            if self._too_many_bad_steps(finite):
+                self.progress.close()
+                self._set_status("failed", message=f"{self.bad_in_row} non-finite steps in a row")
+                return 1
             last = st.step >= self.total_steps or stop
-            rec = None
-            if st.step % cfg.log_every == 0 or last:
-                now = time.perf_counter()
-                steps = st.step - mark_step
-                rec = {
-                    "kind": "step",
-                    "time": time.time(),
-                    "step": st.step,
-                    "epoch": st.epoch + st.offset / n_train,
-                    "loss": st.loss_sum / st.window if st.window else None,
-                    "accuracy": st.acc_sum / st.window if st.window else None,
-                    "lr": learning_rate(
-                        cfg.lr_schedule,
-                        cfg.lr,
-                        st.step - 1,
-                        self.schedule_steps,
-                        int(cfg.warmup_epochs * self.steps_per_epoch),
-                    ),
-                    "images_per_sec": imgs_since / max(1e-9, now - t_log),
-                    # mean seconds per step in each phase since the previous record (rank 0)
-                    "phase_seconds": {
-                        k: (self.phases.seconds[k] - mark_phases[k]) / steps for k in STEP_PHASES
-                    },
-                }
-                if st.window < st.step - st.window_start:
-                    rec["skipped_steps"] = st.step - st.window_start - st.window
-                con.record(rec)
-                t_log, imgs_since = now, 0
-                mark_step, mark_phases = st.step, dict(self.phases.seconds)
-                if st.step % cfg.log_every == 0:  # windows end at multiples of --log-every
-                    st.window_start, st.loss_sum, st.acc_sum, st.window = st.step, 0.0, 0.0, 0
-            prog.update(st.step, rec)
-            if end_of_epoch:
-                st.epoch += 1
-                st.offset = 0
-                sums = epoch_sums.copy()
-                epoch_sums[:] = 0  # before _end_of_epoch, which may save (best.h5)
-                self._end_of_epoch(imgs_epoch, time.perf_counter() - t_epoch, sums)
-                t_epoch, imgs_epoch = time.perf_counter(), 0
-                order = epoch_order(cfg.seed, st.epoch, n_train)
-            if st.step % cfg.checkpoint_every == 0 and not last:
-                self._replica_check()
-                self.save()
-        prog.close()
-        self._replica_check()
-        self.save()
-        if stop:
-            where = (
-                f"{self.preempt.signal_name} on rank 0"
-                if self.preempt.requested
-                else "a signal on another rank"
+            self._report_stragglers()
+            self._log_step(last)
+            if st.offset >= n_train:
+                self._end_of_epoch()
+                order = epoch_order(self.cfg.seed, st.epoch, n_train)
+            if self.saver.due(st.step, last):
+                self.saver.checkpoint(st.step)  # MPI
+        self.progress.close()
+        self.saver.checkpoint(st.step)  # MPI: the final save
+        return self._report_stop() if stop else self._final_test()
+
+    # -- the loop's named steps -------------------------------------------------------------
+
+    def _announce(self) -> None:
+        cfg, comm, con = self.cfg, self.comm, self.console
+        con.print(
+            f"distcnn: {comm.size} rank(s), model {self.model.spec} ({self.n_params:,} params), "
+            f"{len(self.train)} train images {self.train.image_shape}, global batch "
+            f"{self.step_batch}"
+            + (f" ({cfg.accum_steps} x {cfg.batch_size})" if cfg.accum_steps > 1 else "")
+            + f", {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
+        )
+        if comm.size > 1:
+            con.print(f"gradient allreduce: {comm.allreduce_path}")
+        con.print(self.data.line)
+
+    def _fault_before_step(self) -> None:
+        """DISTCNN_FAULT (faults.py): raise, exit or hang on this rank before the step."""
+        if self.fault and self.fault[0] == self.state.step + 1 and self.fault[1] != "nan":
+            inject_fault(self.fault[1], self.state.step + 1, self.comm.rank)
+
+    def _too_many_bad_steps(self, finite: bool) -> bool:
+        if finite:
+            self.bad_in_row = 0
+            return False
+        self.bad_in_row += 1
+        return self._non_finite_step(self.bad_in_row)
+
+    def _report_stragglers(self) -> None:
+        """Rank 0: a warning and a metrics record per straggler (every rank has the same)."""
+        for rec in self.straggler_records:
+            rec = {"time": time.time(), "epoch": self.state.epoch, **rec}
+            self.console.record(rec)
+            if rec["windows"] == PERSIST:  # once per episode on the console
+                self.progress.warn(f"warning: {describe_straggler(rec)}")
+
+    def _log_step(self, last: bool) -> None:
+        """The step record (every --log-every steps and at the last) and the progress line."""
+        st = self.state
+        rec = self.metrics.step_record(st.step, st.epoch, st.offset, last)
+        if rec is not None:
+            self.console.record(rec)
+            self._set_status(  # at every record: the supervisor reads the step reached here
+                force=True,
+                step=st.step,
+                epoch=rec["epoch"],
+                loss=rec["loss"],
+                accuracy=rec["accuracy"],
+                images_per_sec=rec["images_per_sec"],
+                eta_seconds=self.progress.eta(st.step),
             )
-            con.print(
-                f"preempted ({where}): stopped at step {st.step}, checkpoint "
-                f"{ckpt.file_name(st.step)} saved; exiting 0"
-            )
+        self.progress.update(st.step, rec)
+
+    def _report_stop(self) -> int:
+        """The one line after a signal stopped the run: 0 preempted, 130 interrupted."""
+        where = signals.describe(self.stop_request, self.interrupted)
+        what, code = ("interrupted", 130) if self.interrupted else ("preempted", 0)
+        path = self.saver.dir / ckpt.file_name(self.state.step)
+        self.console.print(
+            f"{what} ({where}): stopped at step {self.state.step}, checkpoint {path} saved; "
+            f"exiting {code}"
+        )
+        self._set_status(what, step=self.state.step, eta_seconds=None)
+        return code
+
+    def _final_test(self) -> int:
+        if self.test is None:
+            self._set_status("done", step=self.state.step, eta_seconds=0.0)
             return 0
-        if self.test is not None:
-            m = self._evaluate(self.test)
-            con.print(
-                f"test: loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f} ({m['samples']} images)"
-            )
-            con.record(
-                {
-                    "kind": "test",
-                    "time": time.time(),
-                    "step": st.step,
-                    "epoch": st.epoch,
-                    "loss": m["loss"],
-                    "accuracy": m["accuracy"],
-                }
-            )
+        st, m = self.state, self._evaluate(self.test)
+        self.console.print(
+            f"test: loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f} ({m['samples']} images)"
+        )
+        self.console.record(
+            {
+                "kind": "test",
+                "time": time.time(),
+                "step": st.step,
+                "epoch": st.epoch,
+                "loss": m["loss"],
+                "accuracy": m["accuracy"],
+            }
+        )
+        self._set_status("done", step=st.step, eta_seconds=0.0, test_accuracy=m["accuracy"])
         return 0
 
     def _non_finite_step(self, in_row: int) -> bool:
@@ -797,21 +818,13 @@ class Trainer:
         self.phases.add("eval", t)
         return m
 
-    def _end_of_epoch(self, images: int, seconds: float, sums: np.ndarray) -> None:
+    def _end_of_epoch(self) -> None:
         """The epoch's one summary line and epoch record; validation and best.h5 if there is a
-        validation split. sums: (loss * images, correct, images) over the epoch's finite steps
-        (restored from the checkpoint when the run resumed mid-epoch)."""
+        validation split. The epoch's sums are restored from the checkpoint when the run
+        resumed mid-epoch, so the record is the one an uninterrupted run writes."""
         cfg, st, prog = self.cfg, self.state, self.progress
-        n = sums[2]
-        rec: dict[str, Any] = {
-            "kind": "epoch",
-            "time": time.time(),
-            "step": st.step,
-            "epoch": st.epoch,
-            "loss": sums[0] / n if n else None,
-            "accuracy": sums[1] / n if n else None,
-            "images_per_sec": images / max(seconds, 1e-9),
-        }
+        st.epoch, st.offset = st.epoch + 1, 0
+        rec = self.metrics.epoch_record(st.step, st.epoch)
         line = f"epoch {st.epoch}/{cfg.epochs}  step {st.step}/{self.total_steps}  "
         line += f"train loss {fmt_metric(rec['loss'])} acc {fmt_metric(rec['accuracy'])}  "
         if self.val is not None:
@@ -828,6 +841,7 @@ class Trainer:
             line + f"{rec['images_per_sec']:.0f} img/s  elapsed {hms(rec['elapsed'])}  "
             f"eta {hms(rec['eta'])}"
         )
+        self.metrics.new_epoch()
 
     def profile_report(self, steps: int) -> str:
         """The --profile table of this rank's phases and per-layer times over `steps` steps."""

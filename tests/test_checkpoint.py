@@ -169,7 +169,7 @@ def test_damaged_file_is_refused_and_auto_skips_it(tmp_path, how):
     path, notes = ckpt.newest_valid(tmp_path)
     assert path == older
     assert len(notes) == 1 and notes[0].startswith(
-        "--resume auto: skipping ckpt-00000010.h5, it does not verify: "
+        "--resume auto: skipped 1 newer checkpoint that does not verify (ckpt-00000010.h5: "
     )
     assert message in notes[0]
 
@@ -208,7 +208,7 @@ def test_listing_pruning_and_stale_temporaries(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [12, 7, 3]
     removed = ckpt.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in removed) == ["best.h5.tmp", "ckpt-00000013.h5.tmp"]
-    ckpt.prune(tmp_path, 2)
+    ckpt.prune(tmp_path, 2, "")  # files written before run ids carry the run id ""
     assert sorted(os.listdir(tmp_path)) == [
         "best.h5",
         "ckpt-00000007.h5",

@@ -134,7 +134,7 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, tiny_data, ranks):
         assert (stopped.epoch, stopped.offset) == ((1, 32) if k == 7 else (2, 0))
         assert records(log)[-1]["kind"] == "test" and records(log)[-2]["step"] == k
         before = snapshot(d)
-        n_lines = len(log.read_text().splitlines())
+        n_lines = len(records(log))
         # flags not given come from the checkpoint (data, model, --log ...), except --max-steps
         r = ok(
             train(
@@ -146,7 +146,8 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, tiny_data, ranks):
         new_steps = sorted(ckpt.load(d / n).step for n in after if n not in before)
         assert new_steps == list(range(k + 1, 31))  # the first step done is k + 1
         for name, (digest, mtime) in before.items():
-            if name != "best.h5":  # best.h5 may improve later on
+            # best.h5 may improve later on; run.json and status.json are the run's live state
+            if name not in ("best.h5", "run.json", "status.json"):
                 assert after[name] == (digest, mtime), f"{name} was rewritten by the resumed run"
         assert_bitwise(full / ckpt.file_name(30), d / ckpt.file_name(30))
         assert_bitwise(full / "best.h5", d / "best.h5")
@@ -154,7 +155,8 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, tiny_data, ranks):
         got = records(log)
         assert metrics(got, k) == metrics(ref, k)  # same losses, averaged over the same steps
         appended = got[n_lines:]
-        assert appended[0]["step"] > k and all(x["step"] > k for x in appended)
+        assert appended[0] == {**appended[0], "kind": "run", "step": k}  # where it resumed
+        assert all(x["step"] > k for x in appended[1:])
         keys = [(x["kind"], x["step"]) for x in got]
         assert len(keys) == len(set(keys)), "a record was repeated"
     # resuming at (or past) the step limit does nothing and exits 0
@@ -300,7 +302,7 @@ def test_preemption_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, t
         assert line[0].startswith(f"preempted ({who}): stopped at step "), line
         s = int(line[0].split("stopped at step ")[1].split(",")[0])
         assert 2 <= s < total
-        assert line[0].endswith(f"checkpoint {ckpt.file_name(s)} saved; exiting 0")
+        assert line[0].endswith(f"checkpoint {d / ckpt.file_name(s)} saved; exiting 0")
         assert ckpt.load(newest(d)).step == s  # saved (the replica check there passed too)
         assert [x for x in records(log) if x["kind"] == "step"][-1]["step"] == s
         assert max(x["step"] for x in records(log)) == s
@@ -365,7 +367,10 @@ def test_refusals_exit_2_with_one_message_and_auto_falls_back(tmp_path, tiny_dat
     _flip_byte_in_dataset(good, "model/fc1.weight")
     (d / "ckpt-00000009.h5.tmp").write_bytes((d / ckpt.file_name(4)).read_bytes()[:1000])
     r = ok(train(["--resume", "auto", "--checkpoint-dir", str(d), "--log-every", "100"]))
-    assert "warning: --resume auto: skipping ckpt-00000008.h5, it does not verify" in r.stderr
+    assert (
+        "warning: --resume auto: skipped 1 newer checkpoint that does not verify "
+        f"(ckpt-00000008.h5: checkpoint {good}: /model/fc1.weight fails its sha256" in r.stderr
+    )
     assert f"removed {d / 'ckpt-00000009.h5.tmp'}, left by an interrupted save" in r.stderr
     assert f"resuming from {d / ckpt.file_name(4)} at step 4" in r.stderr
     assert not list(d.glob("*.tmp"))
@@ -422,10 +427,20 @@ def test_failed_saves_end_every_rank_with_one_message(tmp_path, tiny_data):
     assert r.returncode == 1, r.stdout + r.stderr
     assert last_error(r) == (
         f"error: saving the checkpoint of step 12 in {d} failed: [Errno 27] File too large "
-        f"(writing {d / 'ckpt-00000012.h5.tmp'}); the previous checkpoint is intact"
+        f"(writing {d / 'ckpt-00000012.h5.tmp'}); the previous checkpoint "
+        f"{d / ckpt.file_name(8)} (step 8) is intact"
     )
     assert r.stderr.count("error:") == 1
-    assert snapshot(d) == before  # nothing new, nothing changed, no temporary left
+    # nothing new, nothing changed, no temporary left (but the run's own state files)
+    live = ("run.json", "status.json", "metrics.jsonl")
+    after = snapshot(d)
+    assert {k: v for k, v in after.items() if k not in live} == {
+        k: v for k, v in before.items() if k not in live
+    }
+    status = json.loads((d / "status.json").read_text())
+    assert status["state"] == "failed" and status["last_failure"]["rank"] == 0
+    assert "File too large" in status["last_failure"]["message"]
+    before = after
     # the limit also stops MPICH from creating the shared-memory gradient window: every rank
     # falls back to MPI_Iallreduce together, and says so
     assert "gradient allreduce: MPI_Iallreduce (the shared-memory window failed" in r.stdout
@@ -444,7 +459,7 @@ def test_failed_saves_end_every_rank_with_one_message(tmp_path, tiny_data):
 
     # a real full disk, where this machine lets us mount a tiny tmpfs (one checkpoint fits)
     small = tmp_path / "small"
-    if not _mount_tmpfs(small, "32k"):
+    if not _mount_tmpfs(small, "40k"):  # one checkpoint and the run's small files fit
         pytest.skip("cannot mount a tmpfs here; the RLIMIT_FSIZE case above stands in for it")
     try:
         r = train([*common, "--checkpoint-dir", str(small)], 2, timeout=60)
@@ -452,7 +467,7 @@ def test_failed_saves_end_every_rank_with_one_message(tmp_path, tiny_data):
         err = last_error(r)
         assert err.startswith(f"error: saving the checkpoint of step 8 in {small} failed: ")
         assert "No space left on device" in err
-        assert sorted(os.listdir(small)) == [ckpt.file_name(4)]
+        assert sorted(n for n in os.listdir(small) if ".h5" in n) == [ckpt.file_name(4)]
         assert ckpt.load(small / ckpt.file_name(4)).step == 4
     finally:
         subprocess.run(["umount", str(small)], check=False)

@@ -109,8 +109,8 @@ def test_short_run_learns_and_writes_a_checkpoint(tiny_data: Path, tmp_path: Pat
     assert test_acc >= 0.9, out
     steps = 6 * 7  # 100 samples, batch 16 -> 7 steps per epoch, the last of 4
     files = sorted(p.name for p in ck.iterdir())
-    assert files[-1] == f"ckpt-{steps:08d}.h5"
-    with h5py.File(ck / files[-1]) as f:
+    assert files == [f"ckpt-{steps:08d}.h5", "run.json", "status.json"]  # the lock is gone
+    with h5py.File(ck / files[0]) as f:
         assert f.attrs["step"] == steps and f.attrs["world_size"] == 1
         assert f["model/conv1.weight"].shape == (4, 1, 3, 3)
         assert f["model/fc2.weight"].shape == (3, 16)
