@@ -262,8 +262,14 @@ def test_kill_9_on_the_second_host_ends_the_job_and_the_table_names_the_rank(
     assert proc.returncode != 0
     assert took < FAULT_LIMIT, took
     reported = re.search(r"PID (\d+) RUNNING AT (\S+)", said)
-    assert reported and int(reported.group(1)) == pid, said
+    assert reported, said
     assert reported.group(2) in (cluster.hosts[1].address, cluster.hosts[1].name)
+    # Hydra names the first process of that host it saw end: the killed rank 3, or rank 2,
+    # which its proxy kills right after (seen in CI). Either way the table maps it to a rank of
+    # the second host.
+    table = rank_table((tmp_path / "stdout").read_text())
+    by_pid = {p: r for r, (_, p, _) in table.items()}
+    assert by_pid.get(int(reported.group(1))) in (2, 3), said
 
 
 # -- preemption across hosts ---------------------------------------------------------------
