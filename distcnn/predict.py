@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import numpy as np
 
 from distcnn import data as datamod
 from distcnn import restore, safefile
+from distcnn.data.readers import NPZ_ERRORS
 from distcnn.errors import ArgumentParser, UsageError
 from distcnn.evaluate import strict_json
 from distcnn.model import Model
@@ -154,14 +153,7 @@ def read_npz_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 )
             images = z["images"]
             labels = z["labels"] if "labels" in z.files else None
-    except (
-        OSError,
-        ValueError,
-        EOFError,
-        NotImplementedError,
-        zipfile.BadZipFile,
-        zlib.error,
-    ) as e:
+    except NPZ_ERRORS as e:
         raise UsageError(f"cannot read {path} as .npz ({e}); give a NumPy .npz file") from None
     images = datamod._with_channels(images, f"images in {path}")
     images = datamod._as_image_dtype(images, f"images in {path}")

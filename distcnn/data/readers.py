@@ -39,6 +39,10 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
+# What a damaged or foreign .npz can raise while it is opened and its arrays are read.
+NPZ_ERRORS = (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error)
+
+
 def _read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
     """Whole file, gunzipped if it starts with the gzip magic number; refused past `limit`
     bytes (default a tenth of safefile.memory_limit(): parsing text takes several times its
@@ -270,14 +274,7 @@ def read_npz(
                 )
             images, labels = npz[keys[0]], npz[keys[1]]
             stored = _npz_layout(npz["layout"], path) if "layout" in npz.files else None
-    except (
-        OSError,
-        ValueError,
-        EOFError,
-        NotImplementedError,
-        zipfile.BadZipFile,
-        zlib.error,
-    ) as exc:
+    except NPZ_ERRORS as exc:
         raise UsageError(f"cannot read {path} as .npz ({exc}): give a NumPy .npz file") from None
     if stored is not None and layout is not None and stored != layout:
         raise UsageError(
